@@ -1,0 +1,40 @@
+# Two commands from a fresh clone (see README):  make test   and   make main
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel of torch: never let pip resolve an unpinned torch (that pulls a multi-GB CUDA build)
+TORCH_SPEC ?= torch==2.13.0
+# lowest supported transformers, tested by `make test-min`
+TRANSFORMERS_MIN ?= 5.5.0
+
+.PHONY: setup test test-slow test-min main lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+test-min:
+	$(MAKE) test VENV=.venv-min
+	$(VENV)-min/bin/python -m pip install -q "transformers==$(TRANSFORMERS_MIN)"
+	.venv-min/bin/python -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check vkt_hf recipes benchmarks scripts tests
+	$(PY) -m ruff format --check vkt_hf recipes benchmarks scripts tests
+
+main: setup
+	$(PY) -m vkt_hf.quickstart
+
+clean:
+	rm -rf $(VENV) .venv-min

@@ -1,0 +1,150 @@
+"""The decoding cache: a constant-size VKT state per VKT layer, plain KV for softmax layers.
+
+``VKTCache`` is a ``transformers.DynamicCache`` whose VKT layers are ``VKTStateLayer``s.
+A ``VKTStateLayer`` holds, per sequence in the batch (``H`` heads, ``D`` channels of the
+context stream, ``n`` the local window)::
+
+    weighted_sum  (B, H, D)     running (decayed) weighted sum of the context vectors
+    weight_total  (B, H)        the matching sum of weights
+    window        (B, H, n, D)  the last n context vectors, for the local mean
+    window_mask   (B, n)        which of those are real tokens
+
+Its size never depends on how many tokens were seen. Softmax layers of a hybrid keep the
+library's ``DynamicLayer`` (a growing KV cache), so converted Llama/GPT-2 hybrids and
+``VKTForCausalLM`` share one cache class. Beam search (``reorder_cache``), batch
+expansion and selection work on both kinds of layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
+
+
+@dataclass
+class VKTState:
+    """The recurrent state of one VKT layer (see module docstring for shapes)."""
+
+    weighted_sum: torch.Tensor
+    weight_total: torch.Tensor
+    window: torch.Tensor
+    window_mask: torch.Tensor
+
+    def map(self, fn) -> VKTState:
+        """Apply ``fn`` to every tensor (all have the batch as their first dimension)."""
+        return VKTState(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nelement() * getattr(self, f.name).element_size() for f in fields(self))
+
+
+class VKTStateLayer(CacheLayerMixin):
+    """A cache layer holding a fixed-size :class:`VKTState` instead of growing keys/values."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.state: VKTState | None = None
+        self.seen_tokens = 0
+
+    def lazy_initialization(self, *args, **kwargs) -> None:  # the state is created by the first forward
+        self.is_initialized = True
+
+    def update(self, *args, **kwargs):
+        raise TypeError("a VKT layer's cache is updated with `update_state`, not with keys and values")
+
+    def update_state(self, state: VKTState | None, new_tokens: int) -> None:
+        """Store the state after ``new_tokens`` more tokens (``state`` is None for stateless mixers)."""
+        self.state = state
+        self.seen_tokens += new_tokens
+        self.is_initialized = True
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
+        # transformers >= 5.x passes the query length; some releases pass `cache_position`
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
+        return self.seen_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's state (constant in the context length)."""
+        return 0 if self.state is None else self.state.nbytes()
+
+    def reset(self) -> None:
+        self.state = None
+        self.seen_tokens = 0
+        self.is_initialized = False
+
+    def offload(self):  # the state is small: it always stays on its device
+        pass
+
+    def prefetch(self):
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0 and self.seen_tokens > 0:
+            raise NotImplementedError(
+                "a VKT state summarises all past tokens and cannot be cropped; "
+                "do not use assisted/speculative decoding with VKT layers"
+            )
+
+    def _apply(self, fn) -> None:
+        if self.state is not None:
+            self.state = self.state.map(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices, ...])
+
+
+class VKTCache(DynamicCache):
+    """Cache for models with VKT layers: ``VKTStateLayer`` for VKT layers, ``DynamicLayer`` otherwise.
+
+    Args:
+        mixer_types: one entry per decoder layer, ``"vkt"``, ``"softmax"`` or ``"none"``
+            (``"none"`` layers keep no state but still count tokens).
+
+    A plain ``DynamicCache`` handed to a VKT layer also works: the layer swaps its own
+    slot for a ``VKTStateLayer`` on first use (see :func:`vkt_state_layer`). This is how
+    ``generate()`` on converted Llama/GPT-2 hybrids, which builds a ``DynamicCache``,
+    gets a constant-size state for the converted layers.
+    """
+
+    def __init__(self, mixer_types: list[str]):
+        super().__init__()
+        self.layer_class_to_replicate = None
+        self.layers = [DynamicLayer() if t == "softmax" else VKTStateLayer() for t in mixer_types]
+
+    def vkt_state_bytes(self) -> int:
+        """Total bytes of all VKT states (excludes KV of softmax layers)."""
+        return sum(layer.nbytes() for layer in self.layers if isinstance(layer, VKTStateLayer))
+
+
+def vkt_state_layer(cache: DynamicCache, layer_idx: int) -> VKTStateLayer:
+    """The ``VKTStateLayer`` at ``layer_idx`` of any layered cache, created there if missing."""
+    if not hasattr(cache, "layers"):
+        raise TypeError(f"VKT layers need a transformers Cache with per-layer storage, got {type(cache).__name__}")
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(DynamicLayer() if cache.layer_class_to_replicate is None else cache.layer_class_to_replicate())
+    layer = cache.layers[layer_idx]
+    if not isinstance(layer, VKTStateLayer):
+        if layer.get_seq_length() > 0:
+            raise ValueError(f"cache layer {layer_idx} already holds keys/values; it cannot become a VKT state")
+        layer = cache.layers[layer_idx] = VKTStateLayer()
+    return layer

@@ -1,0 +1,3 @@
+from .vkt_attention import VKTAttention
+
+__all__ = ["VKTAttention"]

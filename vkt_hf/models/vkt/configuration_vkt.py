@@ -1,0 +1,224 @@
+"""Configuration of VKT models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from ...ops.functional import NORMALIZATIONS
+
+MIXER_TYPES = ("vkt", "softmax", "none")
+
+# The settings a preset fixes. `paper` is the word-for-word reading of the paper (see
+# docs/method.md); `default` is the best O(N) row of the project's ablation (docs/ablation.md).
+VKT_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(
+        normalization="decimal",
+        importance="parameter",
+        context_source="query",
+        gated_value="query",
+        context_weights="importance",
+        distance_decay=False,
+        readout=False,
+    ),
+    "default": dict(
+        normalization="softsign",
+        importance="parameter",
+        context_source="key",
+        gated_value="value",
+        context_weights="importance",
+        distance_decay=True,
+        readout=True,
+    ),
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "normalization": NORMALIZATIONS,
+    "importance": ("parameter", "projection"),
+    "context_source": ("query", "key"),
+    "gated_value": ("query", "value"),
+    "context_weights": ("importance", "uniform"),
+}
+
+
+def validate_vkt_options(config: Any) -> None:
+    """Check the VKT fields of any config (``VKTConfig`` or a converted hybrid); raise ``ValueError``."""
+    for name, choices in _CHOICES.items():
+        value = getattr(config, name)
+        if value not in choices:
+            raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+    for name in ("local_window", "num_attention_heads", "num_key_value_heads", "head_dim", "prefill_chunk_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    if not (isinstance(config.eps, (int, float)) and config.eps > 0):
+        raise ValueError(f"`eps` must be a positive number, got {config.eps!r}")
+    if config.num_attention_heads % config.num_key_value_heads != 0:
+        raise ValueError(
+            f"`num_attention_heads` ({config.num_attention_heads}) must be a multiple of "
+            f"`num_key_value_heads` ({config.num_key_value_heads})"
+        )
+    for name in ("distance_decay", "readout", "causal"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"`{name}` must be True or False, got {getattr(config, name)!r}")
+
+
+class VKTConfig(PretrainedConfig):
+    r"""Configuration of a [`VKTModel`] / [`VKTForCausalLM`]: pre-norm decoder blocks whose token
+    mixer is VKT-Attention (optionally softmax attention or no mixing in chosen layers), each
+    followed by a SwiGLU MLP.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 32000): vocabulary size.
+        hidden_size (`int`, *optional*, defaults to 512): width of the residual stream.
+        intermediate_size (`int`, *optional*, defaults to 1408): width of the MLP.
+        num_hidden_layers (`int`, *optional*, defaults to 8): number of decoder blocks.
+        num_attention_heads (`int`, *optional*, defaults to 8): heads ``H`` of the mixer.
+        num_key_value_heads (`int`, *optional*): heads of the key/value projections (grouped
+            like GQA); defaults to ``num_attention_heads``.
+        head_dim (`int`, *optional*): head size ``d``; defaults to ``hidden_size // num_attention_heads``.
+        preset (`str`, *optional*, defaults to `"default"`): `"default"` (the ablation's best
+            O(N) setting) or `"paper"` (the literal reading). Fills every VKT option not given.
+        normalization (`str`): how the ratio becomes the scalar attention: `"decimal"` (the
+            paper's "add a decimal point"), `"softsign"`, `"sigmoid"`, `"tanh"` or `"none"`.
+        importance (`str`): `"parameter"` (a trainable vector ``V`` per head) or `"projection"`
+            (token-dependent ``V_i = W_V x_i``).
+        context_source (`str`): vectors the contexts are averaged over: `"query"` (``Q``, the
+            paper) or `"key"` (a separate key projection).
+        gated_value (`str`): vector scaled by the attention: `"query"` (the paper) or `"value"`.
+        context_weights (`str`): weights of the global mean: `"importance"` (``softplus(s_j)``)
+            or `"uniform"`.
+        distance_decay (`bool`): multiply the global-mean weights by a learned per-head
+            ``gamma_h^(i-j)`` (heads start at different half-lives).
+        readout (`bool`): add the gated global and local means of the value vectors to the output.
+        local_window (`int`, *optional*, defaults to 16): ``n``, tokens on each side in ``T``.
+        eps (`float`, *optional*, defaults to 1e-6): lower bound of ``|K . T|``.
+        causal (`bool`, *optional*, defaults to `True`): causal (decoder) or bidirectional mixing.
+        mixer_types (`list[str]`, *optional*): per layer `"vkt"`, `"softmax"` or `"none"`; defaults
+            to all `"vkt"`. Softmax layers use RoPE and a KV cache (for hybrids and baselines).
+        prefill_chunk_size (`int`, *optional*, defaults to 4096): the mixer processes longer inputs
+            in chunks of this many tokens, carrying its state, so memory stays bounded.
+        rope_theta (`float`, *optional*, defaults to 10000.0): RoPE base of softmax layers.
+        hidden_act (`str`, *optional*, defaults to `"silu"`), rms_norm_eps (`float`, defaults to
+        1e-6), initializer_range (`float`, defaults to 0.02), attention_bias (`bool`), mlp_bias
+        (`bool`), tie_word_embeddings (`bool`, defaults to `True`), use_cache (`bool`), and the
+        usual token ids.
+
+    Example:
+
+    ```python
+    >>> import vkt_hf
+    >>> config = vkt_hf.VKTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
+    >>> model = vkt_hf.VKTForCausalLM(config)
+    ```
+    """
+
+    model_type = "vkt"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 512,
+        intermediate_size: int = 1408,
+        num_hidden_layers: int = 8,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        preset: str = "default",
+        normalization: str | None = None,
+        importance: str | None = None,
+        context_source: str | None = None,
+        gated_value: str | None = None,
+        context_weights: str | None = None,
+        distance_decay: bool | None = None,
+        readout: bool | None = None,
+        local_window: int = 16,
+        eps: float = 1e-6,
+        causal: bool = True,
+        mixer_types: list[str] | None = None,
+        prefill_chunk_size: int = 4096,
+        rope_theta: float = 10000.0,
+        hidden_act: str = "silu",
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        attention_bias: bool = False,
+        mlp_bias: bool = False,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **kwargs: Any,
+    ):
+        if preset not in VKT_PRESETS:
+            raise ValueError(f"`preset` must be one of {tuple(VKT_PRESETS)}, got {preset!r}")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        if head_dim is None:
+            if not isinstance(num_attention_heads, int) or num_attention_heads < 1:
+                raise ValueError(f"`num_attention_heads` must be an integer >= 1, got {num_attention_heads!r}")
+            if hidden_size % num_attention_heads != 0:
+                raise ValueError(
+                    f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` "
+                    f"({num_attention_heads}), or give `head_dim` explicitly"
+                )
+            head_dim = hidden_size // num_attention_heads
+        self.head_dim = head_dim
+        self.preset = preset
+        given = dict(
+            normalization=normalization,
+            importance=importance,
+            context_source=context_source,
+            gated_value=gated_value,
+            context_weights=context_weights,
+            distance_decay=distance_decay,
+            readout=readout,
+        )
+        for name, value in given.items():
+            setattr(self, name, VKT_PRESETS[preset][name] if value is None else value)
+        self.local_window = local_window
+        self.eps = eps
+        self.causal = causal
+        self.mixer_types = list(mixer_types) if mixer_types is not None else ["vkt"] * num_hidden_layers
+        self.prefill_chunk_size = prefill_chunk_size
+        self.rope_theta = rope_theta
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.attention_bias = attention_bias
+        self.mlp_bias = mlp_bias
+        self.use_cache = use_cache
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        validate_vkt_options(self)
+        if len(self.mixer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"`mixer_types` has {len(self.mixer_types)} entries but `num_hidden_layers` is {self.num_hidden_layers}"
+            )
+        bad = sorted({t for t in self.mixer_types if t not in MIXER_TYPES})
+        if bad:
+            raise ValueError(f"`mixer_types` entries must be in {MIXER_TYPES}, got {bad}")
+        if not self.causal and any(t == "softmax" for t in self.mixer_types):
+            raise ValueError("`mixer_types` may only contain 'softmax' layers when `causal=True`")
+
+    def vkt_options(self) -> dict[str, Any]:
+        """The VKT settings of this config (what a preset fixes), e.g. for tables and cards."""
+        return {name: getattr(self, name) for name in (*VKT_PRESETS["paper"], "local_window", "eps")}
