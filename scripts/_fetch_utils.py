@@ -58,9 +58,7 @@ def run(cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, hint:
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
         details = "\n".join(f"    {line}" for line in tail)
-        raise FetchError(
-            f"command failed (exit {proc.returncode}): {shlex.join(args)}\n{details}\n{hint}".rstrip()
-        )
+        raise FetchError(f"command failed (exit {proc.returncode}): {shlex.join(args)}\n{details}\n{hint}".rstrip())
     return proc.stdout
 
 
@@ -77,8 +75,18 @@ def pip_download(requirement: str, dest: Path, *extra_args: str) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     log(f"pip download {requirement}")
     run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-         "--dest", dest, *extra_args, requirement],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--dest",
+            dest,
+            *extra_args,
+            requirement,
+        ],
         hint="Check that PyPI is reachable (pip config / proxy) and that the version exists.",
     )
     return _single_file(dest, "*", "downloaded distribution")
@@ -118,8 +126,11 @@ def npm_pack(spec: str, dest: Path) -> Path:
     """Download an npm package tarball with ``npm pack`` (nothing is installed)."""
     dest.mkdir(parents=True, exist_ok=True)
     log(f"npm pack {spec}")
-    run(["npm", "pack", spec], cwd=dest,
-        hint="Install Node.js and npm (e.g. `apt-get install npm`) and check the npm registry is reachable.")
+    run(
+        ["npm", "pack", spec],
+        cwd=dest,
+        hint="Install Node.js and npm (e.g. `apt-get install npm`) and check the npm registry is reachable.",
+    )
     return _single_file(dest, "*.tgz", "npm tarball")
 
 
@@ -135,11 +146,15 @@ def ensure_module(module: str, requirement: str) -> None:
         pass
     install = f"{sys.executable} -m pip install '{requirement}'"
     if sys.prefix == sys.base_prefix:
-        raise FetchError(f"Python package {requirement!r} is missing. Activate the project's "
-                         f"virtualenv, or install it with: {install}")
+        raise FetchError(
+            f"Python package {requirement!r} is missing. Activate the project's "
+            f"virtualenv, or install it with: {install}"
+        )
     log(f"installing {requirement} into the virtualenv")
-    run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", requirement],
-        hint=f"Install it by hand with: {install}")
+    run(
+        [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", requirement],
+        hint=f"Install it by hand with: {install}",
+    )
     importlib.invalidate_caches()
     importlib.import_module(module)
 
@@ -166,16 +181,14 @@ def staging_dir(final: Path) -> Iterator[Path]:
 
 def make_parser(description: str | None) -> argparse.ArgumentParser:
     """Return a parser with the shared ``--cache-dir`` and ``--force`` options."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--cache-dir", type=Path, default=default_cache_dir(),
-        help=f"cache root (default: ${CACHE_ENV_VAR} if set, else <repo>/.cache/vkt-hf; "
-             f"currently %(default)s)",
+        "--cache-dir",
+        type=Path,
+        default=default_cache_dir(),
+        help=f"cache root (default: ${CACHE_ENV_VAR} if set, else <repo>/.cache/vkt-hf; currently %(default)s)",
     )
-    parser.add_argument("--force", action="store_true",
-                        help="rebuild the output even if it already exists")
+    parser.add_argument("--force", action="store_true", help="rebuild the output even if it already exists")
     return parser
 
 

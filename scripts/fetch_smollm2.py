@@ -38,6 +38,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 PROMPT = "What is the capital of France?"
 NEW_TOKENS = 10
 FP32_TOLERANCE = 1e-5
+# Known SmolLM2 tokenization: no BOS is added, "Hello world" -> "Hello", " world".
+TOKENIZER_CHECK = ("Hello world", [19556, 905], "<|im_end|>")
 # Config entries that only describe the GGUF origin, not the model.
 GGUF_ONLY_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path")
 
@@ -73,20 +75,31 @@ def to_plain_checkpoint(gguf_model: PreTrainedModel, dtype: torch.dtype) -> PreT
     return model.to(dtype).eval()
 
 
-def verify(model_dir: Path, reference: PreTrainedModel, reference_tokenizer: PreTrainedTokenizerBase,
-           dtype: torch.dtype) -> str:
+def verify(
+    model_dir: Path, reference: PreTrainedModel, reference_tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
+) -> str:
     """Reload ``model_dir`` and check it against ``reference``; return greedily generated text.
 
-    Checks: the tokenizer gives the same ids as ``reference_tokenizer``, the
-    config is not quantized, and the logits match ``reference`` (cast to
-    ``dtype``) within ``FP32_TOLERANCE`` for float32 (exactly up to rounding
-    noise for half precision).
+    Checks that the saved tokenizer tokenizes like SmolLM2 and like
+    ``reference_tokenizer``, that the config is not quantized, and that the
+    logits match ``reference`` within ``FP32_TOLERANCE``.  The comparison runs
+    in float32: the saved weights are upcast, and ``reference``'s weights are
+    rounded to ``dtype`` in place (a no-op for float32), so half-precision
+    checkpoints are compared exactly too.
     """
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    text, expected_ids, eos = TOKENIZER_CHECK
+    if tokenizer(text).input_ids != expected_ids or tokenizer.eos_token != eos:
+        raise FetchError(
+            f"the GGUF tokenizer was converted incorrectly by transformers {transformers.__version__} "
+            f"({text!r} -> {tokenizer(text).input_ids}, eos={tokenizer.eos_token!r}; expected "
+            f"{expected_ids}, eos={eos!r}). Upgrade transformers (5.24 is known to work) and rerun."
+        )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if getattr(model.config, "quantization_config", None) is not None:
         raise FetchError("the saved config still has a quantization_config")
     messages = [{"role": "user", "content": PROMPT}]
@@ -95,14 +108,15 @@ def verify(model_dir: Path, reference: PreTrainedModel, reference_tokenizer: Pre
     if ids.tolist() != reference_tokenizer(prompt, return_tensors="pt").input_ids.tolist():
         raise FetchError("the saved tokenizer encodes the prompt differently from the GGUF tokenizer")
     with torch.no_grad():
-        diff = (model(ids).logits.float() - reference.to(dtype)(ids).logits.float()).abs().max().item()
+        for param in reference.parameters():
+            param.copy_(param.to(dtype))
+        diff = (model(ids).logits - reference(ids).logits).abs().max().item()
         log(f"max |logits(saved) - logits(gguf)| = {diff:.3g} on a {ids.shape[1]}-token prompt")
-        tolerance = FP32_TOLERANCE if dtype == torch.float32 else 1e-2
-        if diff > tolerance:
-            raise FetchError(f"saved checkpoint logits differ from the GGUF model by {diff} > {tolerance}")
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    new_ids = out[0, ids.shape[1]:].tolist()
+        if diff > FP32_TOLERANCE:
+            raise FetchError(f"saved checkpoint logits differ from the GGUF model by {diff} > {FP32_TOLERANCE}")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad_id)
+    new_ids = out[0, ids.shape[1] :].tolist()
     log(f"greedy generation: {len(new_ids)} new tokens {tokenizer.convert_ids_to_tokens(new_ids)}")
     return tokenizer.decode(new_ids)
 
@@ -143,8 +157,9 @@ def fetch_smollm2(cache_dir: Path, dtype: str = "float32", force: bool = False) 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = make_parser(__doc__)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help="storage dtype of the saved weights (default: %(default)s)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="storage dtype of the saved weights (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     return run_main(lambda: fetch_smollm2(args.cache_dir, dtype=args.dtype, force=args.force))
 

@@ -27,3 +27,11 @@ __all__ = [
     "VKTState",
     "VKTStateLayer",
 ]
+
+# converted (hybrid) checkpoints: vkt_hf.convert_to_vkt and AutoModelForCausalLM.from_pretrained(dir)
+from .convert import convert_to_vkt  # noqa: E402
+from .models.vkt_hybrid import VKTHybridConfig, VKTHybridForCausalLM  # noqa: E402
+
+AutoConfig.register(VKTHybridConfig.model_type, VKTHybridConfig, exist_ok=True)
+AutoModelForCausalLM.register(VKTHybridConfig, VKTHybridForCausalLM, exist_ok=True)
+__all__ += ["VKTHybridConfig", "VKTHybridForCausalLM", "convert_to_vkt"]

@@ -77,6 +77,9 @@ class VKTStateLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # the name of `get_max_length` before transformers 5.24
+        return -1
+
     def nbytes(self) -> int:
         """Bytes held by this layer's state (constant in the context length)."""
         return 0 if self.state is None else self.state.nbytes()

@@ -130,7 +130,7 @@ class VKTAttention(nn.Module):
                 raise ValueError("a cache can only be used with causal VKT layers")
             slot = vkt_state_layer(cache, self.layer_idx)
             state = slot.state
-        chunk = self.config.prefill_chunk_size if self.causal else length
+        chunk = self.config.mixer_chunk_size if self.causal else length
         outputs, scalars = [], []
         for start in range(0, length, chunk):
             end = min(start + chunk, length)
@@ -148,13 +148,16 @@ class VKTAttention(nn.Module):
         """One chunk: ``x`` ``(B, N, hidden)`` -> mixed heads ``(B, N, H*d)``, ``a`` ``(B, H, N)``, new state."""
         config = self.config
         batch, length, _ = x.shape
-        query = self._heads(self.q_proj(x), self.num_heads)  # Q: (B, H, N, d)
+        acc = torch.float64 if config.accumulation_dtype == "float64" else torch.float32
+        query = self._heads(self.q_proj(x), self.num_heads).to(acc)  # Q: (B, H, N, d)
         if config.importance == "parameter":
             scores = vkt.importance_scores(query, self.importance)  # s: (B, H, N)
         else:
             scores = vkt.importance_scores(query, self._heads(self.importance_proj(x), self.num_heads))
-        context = self._heads(self.k_proj(x), self.num_kv_heads) if config.context_source == "key" else query  # R
-        values = self._heads(self.v_proj(x), self.num_kv_heads) if hasattr(self, "v_proj") else None
+        context = (
+            self._heads(self.k_proj(x), self.num_kv_heads).to(acc) if config.context_source == "key" else query
+        )  # R: (B, H, N, d)
+        values = self._heads(self.v_proj(x), self.num_kv_heads).to(acc) if hasattr(self, "v_proj") else None
         gated = values if config.gated_value == "value" else query  # U
 
         # the context stream: R, with the value vectors alongside when they are read out
@@ -173,9 +176,9 @@ class VKTAttention(nn.Module):
         )  # (B, H, N, D)
         d = self.head_dim
         a = vkt.scalar_attention(scores, global_ctx[..., :d], local_ctx[..., :d], config.eps, config.normalization)
-        mixed = a.unsqueeze(-1) * gated.float()  # a_i * U_i: (B, H, N, d)
+        mixed = a.unsqueeze(-1) * gated  # a_i * U_i: (B, H, N, d)
         if config.readout:
-            gates = self.readout_gate(x).float().view(batch, length, 2, self.num_heads).permute(2, 0, 3, 1)
+            gates = self.readout_gate(x).to(acc).view(batch, length, 2, self.num_heads).permute(2, 0, 3, 1)
             mixed = mixed + gates[0].unsqueeze(-1) * global_ctx[..., d:] + gates[1].unsqueeze(-1) * local_ctx[..., d:]
         mixed = mixed.to(x.dtype).transpose(1, 2).reshape(batch, length, self.num_heads * d)
         new_state = VKTState(g_state[0], g_state[1], l_state[0], l_state[1]) if self.causal else None

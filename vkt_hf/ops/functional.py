@@ -259,7 +259,7 @@ def global_context(
     previous = torch.cat([initial.unsqueeze(-2), inclusive[..., :-1, :]], dim=-2)
     exclusive = previous if ld is None else previous * ld.exp().unsqueeze(-1)  # tokens j < i
     if not causal:  # add the tokens after i, seen from the other side (no second null token)
-        rev_x, rev_ld = x.flip(-2), None if ld is None else ld.flip(-2)
+        rev_x, rev_ld = x.flip(-2), None if ld is None else ld.flip(-1)
         after = decayed_cumsum(rev_x, rev_ld, None, chunk_size)
         after = torch.cat([torch.zeros_like(after[..., :1, :]), after[..., :-1, :]], dim=-2)
         if rev_ld is not None:

@@ -48,7 +48,7 @@ def validate_vkt_options(config: Any) -> None:
         value = getattr(config, name)
         if value not in choices:
             raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
-    for name in ("local_window", "num_attention_heads", "num_key_value_heads", "head_dim", "prefill_chunk_size"):
+    for name in ("local_window", "num_attention_heads", "num_key_value_heads", "head_dim", "mixer_chunk_size"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
@@ -59,6 +59,8 @@ def validate_vkt_options(config: Any) -> None:
             f"`num_attention_heads` ({config.num_attention_heads}) must be a multiple of "
             f"`num_key_value_heads` ({config.num_key_value_heads})"
         )
+    if config.accumulation_dtype not in ("float32", "float64"):
+        raise ValueError(f"`accumulation_dtype` must be 'float32' or 'float64', got {config.accumulation_dtype!r}")
     for name in ("distance_decay", "readout", "causal"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"`{name}` must be True or False, got {getattr(config, name)!r}")
@@ -93,11 +95,15 @@ class VKTConfig(PretrainedConfig):
             ``gamma_h^(i-j)`` (heads start at different half-lives).
         readout (`bool`): add the gated global and local means of the value vectors to the output.
         local_window (`int`, *optional*, defaults to 16): ``n``, tokens on each side in ``T``.
-        eps (`float`, *optional*, defaults to 1e-6): lower bound of ``|K . T|``.
+        eps (`float`, *optional*, defaults to 1e-3): lower bound of ``|K . T|``. It also bounds how
+            much float rounding in ``K . T`` is amplified in ``a`` (the ratio is ill-conditioned when
+            ``K`` and ``T`` are nearly orthogonal); 1e-6 lets chunked and whole passes differ by ~1e-4.
+        accumulation_dtype (`str`, *optional*, defaults to `"float32"`): dtype of the context sums
+            and the ratio, `"float32"` or `"float64"`.
         causal (`bool`, *optional*, defaults to `True`): causal (decoder) or bidirectional mixing.
         mixer_types (`list[str]`, *optional*): per layer `"vkt"`, `"softmax"` or `"none"`; defaults
             to all `"vkt"`. Softmax layers use RoPE and a KV cache (for hybrids and baselines).
-        prefill_chunk_size (`int`, *optional*, defaults to 4096): the mixer processes longer inputs
+        mixer_chunk_size (`int`, *optional*, defaults to 4096): the mixer processes longer inputs
             in chunks of this many tokens, carrying its state, so memory stays bounded.
         rope_theta (`float`, *optional*, defaults to 10000.0): RoPE base of softmax layers.
         hidden_act (`str`, *optional*, defaults to `"silu"`), rms_norm_eps (`float`, defaults to
@@ -135,10 +141,11 @@ class VKTConfig(PretrainedConfig):
         distance_decay: bool | None = None,
         readout: bool | None = None,
         local_window: int = 16,
-        eps: float = 1e-6,
+        eps: float = 1e-3,
+        accumulation_dtype: str = "float32",
         causal: bool = True,
         mixer_types: list[str] | None = None,
-        prefill_chunk_size: int = 4096,
+        mixer_chunk_size: int = 4096,
         rope_theta: float = 10000.0,
         hidden_act: str = "silu",
         rms_norm_eps: float = 1e-6,
@@ -184,9 +191,10 @@ class VKTConfig(PretrainedConfig):
             setattr(self, name, VKT_PRESETS[preset][name] if value is None else value)
         self.local_window = local_window
         self.eps = eps
+        self.accumulation_dtype = accumulation_dtype
         self.causal = causal
         self.mixer_types = list(mixer_types) if mixer_types is not None else ["vkt"] * num_hidden_layers
-        self.prefill_chunk_size = prefill_chunk_size
+        self.mixer_chunk_size = mixer_chunk_size
         self.rope_theta = rope_theta
         self.hidden_act = hidden_act
         self.rms_norm_eps = rms_norm_eps
