@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
+from .. import ops
 from ..cache import VKTState, vkt_state_layer
 from ..ops import functional as vkt
 
@@ -39,6 +41,25 @@ def padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, d
     raise ValueError(
         f"attention_mask must be 2-D (batch, tokens) or 4-D (batch, 1, queries, keys), got shape {tuple(attention_mask.shape)}"
     )
+
+
+@torch.no_grad()
+def init_vkt_parameters(layer: VKTAttention) -> None:
+    """Initialise the parameters VKT adds to attention (used by models and by conversion).
+
+    ``V ~ N(0, 1/d)`` so ``s = Q . V`` has the scale of one coordinate of ``Q``; the null
+    context/value start at zero (an uninformative first-token context); decays start at
+    half-lives log-spaced from 1 to 1024 tokens, so heads see recent and long-range means.
+    Tensors already loaded from a checkpoint are left alone.
+    """
+    if hasattr(layer, "importance"):
+        init.normal_(layer.importance, 0.0, 1.0 / math.sqrt(layer.head_dim))
+    init.zeros_(layer.null_context)
+    if hasattr(layer, "null_value"):
+        init.zeros_(layer.null_value)
+    if hasattr(layer, "decay_logit"):
+        gamma = vkt.gamma_init(layer.num_heads)
+        init.copy_(layer.decay_logit, torch.log(gamma) - torch.log1p(-gamma))
 
 
 class VKTAttention(nn.Module):
@@ -168,11 +189,12 @@ class VKTAttention(nn.Module):
         weights = vkt.context_weights(scores, config.context_weights)  # w: (B, H, N)
         g_state = None if state is None else (state.weighted_sum, state.weight_total)
         l_state = None if state is None else (state.window, state.window_mask)
-        global_ctx, g_state = vkt.global_context(
-            stream, weights, mask, null, self.log_decay(), causal=self.causal, state=g_state
+        backend = getattr(config, "vkt_backend", None)  # reference | fused | triton | auto (see vkt_hf.ops)
+        global_ctx, g_state = ops.global_context(
+            stream, weights, mask, null, self.log_decay(), causal=self.causal, state=g_state, backend=backend
         )  # (B, H, N, D)
-        local_ctx, l_state = vkt.local_context(
-            stream, mask, null, self.local_window, causal=self.causal, state=l_state
+        local_ctx, l_state = ops.local_context(
+            stream, mask, null, self.local_window, causal=self.causal, state=l_state, backend=backend
         )  # (B, H, N, D)
         d = self.head_dim
         a = vkt.scalar_attention(scores, global_ctx[..., :d], local_ctx[..., :d], config.eps, config.normalization)

@@ -7,19 +7,19 @@ mixer itself is :class:`vkt_hf.layers.VKTAttention`; the norm and MLP are Llama'
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from ...cache import VKTCache
-from ...layers.vkt_attention import VKTAttention, padding_mask
+from ...layers.vkt_attention import VKTAttention, init_vkt_parameters, padding_mask
 from .configuration_vkt import VKTConfig
 
 # transformers renamed `past_key_values` to `cache` in 5.24 (outputs and forward kwargs)
@@ -138,26 +138,18 @@ class VKTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        # `transformers.initialization` skips tensors already loaded from a checkpoint
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
         elif isinstance(module, LlamaRMSNorm):
-            module.weight.fill_(1.0)
+            init.ones_(module.weight)
         elif isinstance(module, VKTAttention):
-            if hasattr(module, "importance"):
-                module.importance.normal_(0.0, 1.0 / math.sqrt(module.head_dim))
-            module.null_context.zero_()
-            if hasattr(module, "null_value"):
-                module.null_value.zero_()
-            if hasattr(module, "decay_logit"):
-                from ...ops.functional import gamma_init
-
-                gamma = gamma_init(module.num_heads)
-                module.decay_logit.copy_(torch.log(gamma) - torch.log1p(-gamma))
+            init_vkt_parameters(module)
 
 
 class VKTModel(VKTPreTrainedModel):

@@ -1,0 +1,325 @@
+"""Conversion of GPT-2 / Llama-family checkpoints to VKT: in-memory, saved/reloaded, CLI, SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+import vkt_hf
+from vkt_hf.cli import main as cli_main
+from vkt_hf.convert import ConversionError, convert_to_vkt, resolve_layers
+from vkt_hf.layers import VKTAttention
+from vkt_hf.models.vkt.modeling_vkt import CACHE_FIELD
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 61
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4)
+
+
+def tiny(kind: str) -> torch.nn.Module:
+    """A tiny random causal LM of the given family (fixed seed, eval mode)."""
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64)
+        return GPT2LMHeadModel(config).eval()
+    configs = {
+        "llama": lambda: LlamaConfig(**SMALL, num_key_value_heads=2),  # GQA
+        "mistral": lambda: MistralConfig(**SMALL, num_key_value_heads=2),
+        "mixtral": lambda: MixtralConfig(**SMALL, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1),
+        "qwen2": lambda: Qwen2Config(**SMALL, num_key_value_heads=2),
+        "qwen3": lambda: Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=8),
+    }
+    return AutoModelForCausalLM.from_config(configs[kind]()).eval()
+
+
+def ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hybrid(kind: str, layers=(1, 3)) -> torch.nn.Module:
+    return convert_to_vkt(tiny(kind), layers=list(layers)).eval()
+
+
+# -------------------------------------------------------------------------------------------- in memory
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3"])
+@torch.no_grad()
+def test_zero_layers_gives_identical_logits(kind):
+    model, x = tiny(kind), ids()
+    expected = model(x).logits
+    converted = convert_to_vkt(model, layers=[])
+    assert isinstance(converted, vkt_hf.VKTHybridForCausalLM)
+    assert torch.equal(converted(x).logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen3"])
+def test_unconverted_parameters_are_bit_identical(kind):
+    model = tiny(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert_to_vkt(model, layers=[1, 3])
+    after = converted.model.state_dict()
+    attn = "attn" if kind == "gpt2" else "self_attn"
+    for key, value in before.items():
+        if not any(f".{i}.{attn}." in key for i in (1, 3)):
+            assert torch.equal(after[key], value), key
+    vkt_layers = [m for m in converted.modules() if isinstance(m, VKTAttention)]
+    assert [m.layer_idx for m in vkt_layers] == [1, 3]
+
+
+@torch.no_grad()
+def test_gpt2_fused_projection_is_split():
+    model = tiny("gpt2")
+    attention = model.transformer.h[2].attn
+    x = torch.randn(2, 5, 32)
+    q, k, v = attention.c_attn(x).split(32, dim=-1)
+    out = attention.c_proj(v)
+    converted = convert_to_vkt(model, layers=[2]).model.transformer.h[2].attn
+    torch.testing.assert_close(converted.q_proj(x), q)
+    torch.testing.assert_close(converted.k_proj(x), k)
+    torch.testing.assert_close(converted.v_proj(x), v)
+    torch.testing.assert_close(converted.o_proj(v), out)
+
+
+def test_llama_projections_are_reused_and_gqa_kept():
+    model = tiny("llama")
+    original = model.model.layers[0].self_attn
+    converted = convert_to_vkt(model, layers="all").model.model.layers[0].self_attn
+    assert converted.q_proj is original.q_proj and converted.k_proj is original.k_proj
+    assert converted.v_proj is original.v_proj and converted.o_proj is original.o_proj
+    assert (converted.num_heads, converted.num_kv_heads, converted.head_dim) == (4, 2, 8)
+    assert converted.config.context_source == "key" and converted.config.gated_value == "value"
+
+
+@torch.no_grad()
+def test_qwen3_keeps_head_norms():
+    model = tiny("qwen3")
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(1, 3, 32)
+    expected = attention.k_norm(attention.k_proj(x).view(1, 3, -1, 8)).view(1, 3, -1)
+    converted = convert_to_vkt(model, layers=[0]).model.model.layers[0].self_attn
+    torch.testing.assert_close(converted.k_proj(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2"])
+@torch.no_grad()
+def test_all_layers_convert_and_run(kind):
+    model = hybrid(kind, layers=range(4))
+    logits = model(ids()).logits
+    assert logits.shape == (2, 12, VOCAB) and torch.isfinite(logits).all()
+
+
+def test_unsupported_architecture_lists_supported():
+    bert = BertModel(
+        BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32)
+    )
+    with pytest.raises(ConversionError, match="supported model types: gpt2, llama, mistral"):
+        convert_to_vkt(bert)
+    opt = OPTForCausalLM(
+        OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, ffn_dim=32, num_attention_heads=4)
+    )
+    with pytest.raises(ConversionError, match="'opt'"):
+        convert_to_vkt(opt)
+
+
+def test_bare_model_is_converted_in_place():
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
+    assert convert_to_vkt(model, layers=[0]) is model
+    assert isinstance(model.h[0].attn, VKTAttention)
+    assert torch.isfinite(model(ids()).last_hidden_state).all()
+
+
+def test_layer_specs_and_bad_options():
+    assert resolve_layers("0,2,5-7", 10) == [0, 2, 5, 6, 7]
+    assert resolve_layers("even", 5) == [0, 2, 4] and resolve_layers("odd", 5) == [1, 3]
+    assert resolve_layers([-1], 4) == [3] and resolve_layers("none", 4) == []
+    with pytest.raises(ConversionError, match="out of range"):
+        resolve_layers([4], 4)
+    with pytest.raises(ConversionError, match="unknown VKT option"):
+        convert_to_vkt(tiny("llama"), layers=[0], bogus=1)
+    with pytest.raises(ConversionError, match="normalization"):
+        convert_to_vkt(tiny("llama"), layers=[0], normalization="bogus")
+
+
+# ------------------------------------------------------------------------------------- hybrid properties
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@torch.no_grad()
+def test_hybrid_is_causal(kind):
+    model, x = hybrid(kind), ids()
+    y = x.clone()
+    y[:, 7:] = torch.randint(3, VOCAB, y[:, 7:].shape)
+    torch.testing.assert_close(model(x).logits[:, :7], model(y).logits[:, :7], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@torch.no_grad()
+def test_hybrid_chunked_equals_whole(kind):
+    model, x = hybrid(kind), ids()
+    whole = model(x).logits
+    cache, parts = DynamicCache(), []
+    for start, end in ((0, 3), (3, 4), (4, 9), (9, 12)):
+        out = model(x[:, start:end], use_cache=True, **{CACHE_FIELD: cache})
+        cache = getattr(out, CACHE_FIELD)
+        parts.append(out.logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-5, rtol=0)
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    assert kinds == {"VKTStateLayer", "DynamicLayer"}  # VKT state and KV side by side
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@torch.no_grad()
+def test_hybrid_cached_greedy_decode_equals_full_forward(kind):
+    model, x = hybrid(kind), ids(batch=1, length=6)
+    generated = model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    manual = x
+    for _ in range(8):
+        next_id = model(manual).logits[:, -1].argmax(-1, keepdim=True)
+        manual = torch.cat([manual, next_id], dim=1)
+    assert torch.equal(generated, manual)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@torch.no_grad()
+def test_hybrid_left_padded_batch_and_beam_search(kind):
+    model = hybrid(kind)
+    long, short = ids(1, 8, seed=2), ids(1, 5, seed=3)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **kwargs)
+    assert torch.equal(together[0], model.generate(long, **kwargs)[0])
+    assert torch.equal(together[1, 3:], model.generate(short, **kwargs)[0])
+    beams = dict(kwargs, num_beams=3)
+    assert torch.equal(
+        model.generate(batch, attention_mask=mask, **beams),
+        model.generate(batch, attention_mask=mask, use_cache=False, **beams),
+    )
+
+
+@torch.no_grad()
+def test_output_attentions_returns_scalar_attentions():
+    model = hybrid("llama")
+    out = model(ids(), output_attentions=True)
+    shapes = [tuple(a.shape) for a in out.attentions]
+    assert (2, 4, 12) in shapes and len([s for s in shapes if s == (2, 4, 12)]) == 2
+
+
+# ------------------------------------------------------------------------------------------ save / load
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen3"])
+@torch.no_grad()
+def test_save_and_auto_reload_gives_identical_logits(kind, tmp_path):
+    model, x = hybrid(kind), ids()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "vkt_hybrid" and saved["vkt_layers"] == [1, 3]
+    assert saved["base_config"]["model_type"] == kind
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, vkt_hf.VKTHybridForCausalLM)
+    assert torch.equal(reloaded(x).logits, model(x).logits)
+    assert torch.equal(
+        reloaded.generate(x[:1, :4], max_new_tokens=4, do_sample=False, pad_token_id=0),
+        model.generate(x[:1, :4], max_new_tokens=4, do_sample=False, pad_token_id=0),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@torch.no_grad()
+def test_cli_convert_local_dir_end_to_end(tmp_path):
+    src, out = tmp_path / "llama", tmp_path / "llama-vkt"
+    tiny("llama").save_pretrained(src)
+    _tiny_tokenizer().save_pretrained(src)
+    assert cli_main(["convert", str(src), str(out), "--layers", "0,2", "--vkt-option", "local_window=4"]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.vkt_layers == [0, 2] and reloaded.config.vkt_options["local_window"] == 4
+    expected = convert_to_vkt(AutoModelForCausalLM.from_pretrained(src), layers=[0, 2], local_window=4)
+    x = ids()
+    assert torch.equal(reloaded(x).logits, expected.eval()(x).logits)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert cli_main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["convert", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    opt = tmp_path / "opt"
+    OPTForCausalLM(
+        OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, ffn_dim=32, num_attention_heads=4)
+    ).save_pretrained(opt)
+    assert cli_main(["convert", str(opt), str(tmp_path / "out")]) == 2
+    assert "supported model types" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- real SmolLM2
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_half_conversion_end_to_end(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from _fetch_utils import default_cache_dir
+    from fetch_smollm2 import fetch_smollm2
+    from transformers import AutoTokenizer
+
+    src = fetch_smollm2(default_cache_dir())
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    passage = tokenizer((REPO / "tests/fixtures/passage.txt").read_text(), return_tensors="pt").input_ids
+
+    def perplexity(model) -> float:
+        return math.exp(model(passage, labels=passage).loss.item())
+
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    before = perplexity(base)
+    converted = convert_to_vkt(base, layers="even")
+    converted.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    after = perplexity(reloaded)
+    prompt = tokenizer("It is a truth universally acknowledged", return_tensors="pt")
+    out = reloaded.generate(**prompt, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    print(
+        f"\nSmolLM2 perplexity: original {before:.2f}, half VKT {after:.2f}; "
+        f"greedy: {tokenizer.decode(out[0, prompt.input_ids.shape[1] :])!r}"
+    )
+    assert out.shape[1] == prompt.input_ids.shape[1] + 20
+    assert math.isfinite(before) and math.isfinite(after)

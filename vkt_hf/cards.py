@@ -1,0 +1,205 @@
+"""Model cards written only from a run's own JSON (``run.json`` from ``recipes/train.py`` and,
+when present, ``eval/results.json`` from ``recipes/eval.py``).
+
+The YAML header is built with ``huggingface_hub.ModelCardData`` (license, base_model,
+datasets, tags, ``model-index`` with the measured metrics), so the Hub reads it as it reads
+any card; nothing is fetched. Plots found in the run are embedded by relative path.
+
+    vkt-hf card RUN_DIR                      # writes RUN_DIR/README.md
+    vkt-hf card RUN_DIR --out model_cards/   # writes model_cards/<name>.md (plots copied beside it)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCardData
+
+DEFAULT_TAGS = ["vkt", "vkt-attention", "linear-attention", "text-generation", "transformers"]
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run, with ``eval/results.json`` under ``"eval"`` when it exists."""
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a model card is written from a finished run's run.json")
+    run = json.loads(path.read_text())
+    results = run_dir / "eval" / "results.json"
+    if results.exists():
+        run["eval"] = json.loads(results.read_text())
+    return run
+
+
+def _metrics(run: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """``(metric type, readable name, value)`` of every measured number worth indexing."""
+    final, ev = run.get("final", {}), run.get("eval", {})
+    rows: list[tuple[str, str, float]] = []
+    if "val_loss" in final:
+        rows += [
+            ("loss", "validation loss (nats/token)", final["val_loss"]),
+            ("perplexity", "validation perplexity", final["val_ppl"]),
+            ("bits_per_byte", "validation bits per byte", final["val_bpb"]),
+        ]
+    if "perplexity" in ev:
+        rows.append(("perplexity", f"perplexity ({ev['perplexity']['tokens']} tokens)", ev["perplexity"]["ppl"]))
+    if "streaming" in ev:
+        s = ev["streaming"]
+        rows.append(
+            ("perplexity", f"streaming perplexity ({s['tokens']} tokens, chunks of {s['chunk_size']})", s["ppl"])
+        )
+    if "position_buckets" in ev:
+        p = ev["position_buckets"]
+        rows.append(("perplexity", f"perplexity over {p['context_length']}-token segments", p["ppl"]))
+    if "passkey" in ev:
+        rows.append(("accuracy", "passkey retrieval exact match", ev["passkey"]["accuracy"]))
+    return [(kind, name, round(float(value), 4)) for kind, name, value in rows]
+
+
+def card_metadata(run: dict[str, Any], license: str = "apache-2.0") -> ModelCardData:
+    """The card's YAML metadata (``ModelCardData``) for a run."""
+    name = run.get("name", "vkt-model")
+    base = run.get("model", {}).get("base_model")
+    dataset = run.get("data", {}).get("source", "text")
+    dataset_name = run.get("data", {}).get("name") or (Path(dataset).name if Path(dataset).exists() else dataset)
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Causal language modeling",
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            dataset_split="validation (held-out documents)",
+            metric_type=kind,
+            metric_name=metric_name,
+            metric_value=value,
+        )
+        for kind, metric_name, value in _metrics(run)
+    ]
+    return ModelCardData(
+        license=run.get("license", license),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        base_model=base if base and not Path(base).exists() else None,
+        datasets=None if Path(dataset).exists() else [dataset],
+        tags=DEFAULT_TAGS + [run.get("mode", "pretrain")],
+        model_name=name,
+        eval_results=results or None,
+    )
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def card_body(run: dict[str, Any], plots: list[str]) -> str:
+    """The markdown body: what the model is, how it was trained, what was measured."""
+    model, data, cfg, final = run.get("model", {}), run.get("data", {}), run.get("config", {}), run.get("final", {})
+    mixers = model.get("mixer_types") or []
+    kinds = ", ".join(f"{m} x{mixers.count(m)}" for m in dict.fromkeys(mixers)) or "see config.json"
+    lines = [
+        f"# {run.get('name', 'vkt-model')}",
+        "",
+        "A causal language model using VKT-Attention (scalar, O(n) attention) through the "
+        "vkt-hf integration for transformers. Load it with "
+        "`import vkt_hf` then `AutoModelForCausalLM.from_pretrained(path)`.",
+        "",
+        "## Training",
+        "",
+        _table(
+            [
+                ("mode", run.get("mode")),
+                ("model class", model.get("class")),
+                ("mixers per layer", kinds),
+                ("parameters", f"{model.get('parameters', 0):,}"),
+                ("trainable parameters", f"{model.get('trainable_parameters', 0):,}"),
+                ("base model", model.get("base_model") or "none (trained from scratch)"),
+                ("data", data.get("source")),
+                ("tokenizer", data.get("tokenizer")),
+                ("sequence length", data.get("seq_len")),
+                ("validation documents", ", ".join(data.get("val_documents", [])[:8])),
+                (
+                    "steps x batch x accumulation",
+                    f"{final.get('step')} x {cfg.get('batch_size')} x {cfg.get('grad_accum')}",
+                ),
+                ("tokens seen", f"{final.get('tokens', 0):,}"),
+                ("learning rate (cosine, warmup)", f"{cfg.get('lr')} ({cfg.get('warmup_steps')} warmup steps)"),
+                ("training time", f"{final.get('train_time_s')} s on {run.get('world_size', 1)} process(es)"),
+            ]
+        ),
+        "",
+        "## Results",
+        "",
+        "Measured by the run itself on held-out documents (none of their text was trained on).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for _, name, value in _metrics(run)),
+    ]
+    ev = run.get("eval", {})
+    if "position_buckets" in ev:
+        lines += ["", "Perplexity by token position:", "", "| positions | perplexity |", "|---|---|"]
+        lines += [f"| {b['start']}-{b['end']} | {b['ppl']:.3f} |" for b in ev["position_buckets"]["buckets"]]
+    if "passkey" in ev:
+        lines += ["", "Passkey retrieval (exact match):", "", "| context | depth | accuracy |", "|---|---|---|"]
+        lines += [f"| {r['context_length']} | {r['depth']} | {r['accuracy']:.2f} |" for r in ev["passkey"]["results"]]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    if ev.get("samples"):
+        lines += ["", "## Samples", ""]
+        for s in ev["samples"]:
+            lines += [f"**Prompt:** {s['prompt']!r}", "", "```text", s["prompt"] + s["completion"], "```", ""]
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "A research model trained on a small budget; its numbers describe this run only. "
+        "Generated text is not reliable.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(run_dir: str | Path, out: str | Path | None = None, name: str | None = None) -> Path:
+    """Write the card of the run in ``run_dir``.
+
+    Args:
+        run_dir: a training run (``run.json``; optional ``eval/results.json`` and ``*.png`` plots).
+        out: ``None`` -> ``RUN_DIR/README.md`` (also ``RUN_DIR/model/README.md`` when the model
+            folder exists, so a pushed model carries its card); a directory -> ``<out>/<name>.md``
+            with the plots copied to ``<out>/<name>_assets/``; a ``.md`` path -> that file.
+        name: card name (default: the run's name).
+
+    Returns:
+        The path of the card written.
+    """
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    if name:
+        run["name"] = name
+    plot_files = sorted(run_dir.glob("*.png")) + sorted(run_dir.glob("eval/*.png"))
+    if out is None:
+        target = run_dir / "README.md"
+    else:
+        out = Path(out)
+        target = out if out.suffix == ".md" else out / f"{run['name']}.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.parent.resolve() == run_dir.resolve():
+        plots = [str(p.relative_to(run_dir)) for p in plot_files]
+    else:
+        assets = target.parent / f"{target.stem}_assets"
+        plots = []
+        for p in plot_files:
+            assets.mkdir(exist_ok=True)
+            shutil.copy2(p, assets / p.name)
+            plots.append(f"{assets.name}/{p.name}")
+    text = f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run, plots)}"
+    target.write_text(text, encoding="utf-8")
+    if out is None and (run_dir / "model").is_dir():
+        model_plots = [f"../{p}" for p in plots]
+        (run_dir / "model" / "README.md").write_text(
+            f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run, model_plots)}", encoding="utf-8"
+        )
+    return target

@@ -1,0 +1,144 @@
+"""``VKTHybridForCausalLM``: a converted GPT-2 / Llama-family LM, saved and reloaded through the Auto APIs.
+
+The class wraps the base model (``self.model``, e.g. a ``LlamaForCausalLM``) whose listed layers
+hold :class:`~vkt_hf.layers.VKTAttention`. ``__init__`` rebuilds that exact structure from the
+config (base architecture via ``AutoModelForCausalLM.from_config``, then the same in-place
+conversion), so ``from_pretrained`` only has to load the saved tensors. ``forward`` and
+``generate`` are the base model's.
+
+Generation cache: the base model's ``generate()`` builds its usual ``DynamicCache``; every VKT
+layer swaps its own slot for a constant-size ``VKTStateLayer`` on first use, so the cache holds
+VKT state for VKT layers and growing keys/values for the softmax layers. Beam search and
+batch expansion reorder both kinds of layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+from ...convert.common import convert_layers, family_for
+from ...layers.vkt_attention import VKTAttention
+from .configuration_vkt_hybrid import VKTHybridConfig
+
+
+class VKTHybridPreTrainedModel(PreTrainedModel):
+    config_class = VKTHybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules: list[str] = []
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # only reached for modules outside the wrapped model (which initialises its own) and for
+        # VKT layers rebuilt without saved weights
+        if isinstance(module, VKTAttention):
+            from ...convert.common import init_new_parameters
+
+            init_new_parameters(module)
+
+
+class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
+    """A causal LM whose attention is VKT in ``config.vkt_layers`` and the original elsewhere.
+
+    Build one with :func:`vkt_hf.convert_to_vkt` (from a loaded model) or the ``vkt-hf convert``
+    CLI; reload with ``AutoModelForCausalLM.from_pretrained(dir)`` after ``import vkt_hf``.
+
+    Args:
+        config: a [`VKTHybridConfig`].
+        model: an already converted base model to wrap (used by :func:`vkt_hf.convert_to_vkt`);
+            when omitted, the base model is built from ``config.base_config`` and converted.
+    """
+
+    def __init__(self, config: VKTHybridConfig, model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if model is None:
+            base_config = config.get_base_config()
+            family_for(base_config)  # fail early with the list of supported architectures
+            attn = getattr(config, "_attn_implementation", None)
+            model = AutoModelForCausalLM.from_config(base_config, attn_implementation=attn)
+            options = dict(config.vkt_options)
+            convert_layers(model, config.vkt_layers, **options)
+        self.model = model
+        self.post_init()
+
+    @classmethod
+    def from_converted(
+        cls, model: PreTrainedModel, vkt_layers: list[int], vkt_options: dict[str, Any]
+    ) -> VKTHybridForCausalLM:
+        """Wrap a base LM whose ``vkt_layers`` were converted in place with ``vkt_options``."""
+        config = VKTHybridConfig(
+            base_config=model.config.to_dict(),
+            vkt_layers=vkt_layers,
+            vkt_options=vkt_options,
+            dtype=getattr(model.config, "dtype", None),
+        )
+        config._attn_implementation = getattr(model.config, "_attn_implementation", None)
+        hybrid = cls(config, model=model)
+        hybrid.generation_config = model.generation_config
+        return hybrid
+
+    def vkt_modules(self) -> dict[int, VKTAttention]:
+        """The VKT layers, by decoder-layer index."""
+        family = family_for(self.model.config)
+        blocks = family.layers(self.model)
+        return {i: getattr(blocks[i], family.attention_name) for i in self.config.vkt_layers}
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ):
+        """The base model's forward (``cache`` / ``past_key_values``, ``output_attentions`` etc. pass through).
+
+        With ``output_attentions=True`` the VKT layers contribute their scalar attentions
+        ``(B, H, N)``; softmax layers contribute ``(B, H, N, N)`` weights where their attention
+        implementation returns them (eager), nothing otherwise.
+        """
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.model.prepare_inputs_for_generation(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any):
+        """The base model's ``generate`` (with this model's generation config)."""
+        self.model.generation_config = self.generation_config
+        return self.model.generate(*args, **kwargs)

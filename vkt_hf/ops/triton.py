@@ -1,0 +1,199 @@
+"""Triton kernels for the two context sums (CUDA; importable everywhere).
+
+Same signatures and results as :func:`vkt_hf.ops.functional.global_context` /
+:func:`vkt_hf.ops.functional.local_context`. Without the ``triton`` package (or without CUDA)
+:data:`AVAILABLE` is False and nothing here is called by the dispatch. With
+``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (Triton's interpreter), which is how
+``tests/test_ops_fast.py`` checks them on machines without a GPU.
+
+* ``_global_kernel``: one program per (sequence x head, block of channels) walks the tokens in
+  chunks of ``C``: inside a chunk the decayed exclusive sums are one ``C x C`` matrix product
+  (``exp(cl_t - cl_s)``, ``s < t``, exponents ``<= 0``: rule 6) plus the decayed carried state;
+  the weight total rides along as a scalar column; ``K = sum / total`` is written directly.
+  Padding is handled (its decay is 0 and its weight 0).
+* ``_local_kernel``: one program per (sequence x head, block of tokens, block of channels) adds
+  the ``n`` previous rows (from the chunk or from the carried history): exact sums of ``n``
+  terms, then divides by the count (or writes the null vector).
+
+The kernels run the forward pass. When a gradient is needed the call goes to the fused
+PyTorch path (:mod:`.fused`), which autograd differentiates: training is not slower than
+``fused``, inference gets the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import functional as ref
+from . import fused
+
+try:  # optional dependency: absent on CPU-only installs
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton, tl, HAS_TRITON = None, None, False
+
+#: the interpreter runs the kernels on CPU tensors (slowly): for tests only
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: kernels can run here on CUDA tensors
+AVAILABLE = HAS_TRITON and torch.cuda.is_available()
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _global_kernel(
+        S, W, M, LD, INIT, INITW, OUT, OUTS, OUTW,
+        N, H, D,
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        db = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        offs_c = tl.arange(0, BLOCK_C)
+        ld = tl.load(LD + h)
+        state = tl.load(INIT + bh * D + offs_d, mask=dmask, other=0.0)  # (BD,)
+        state_w = tl.load(INITW + bh)
+        lower = offs_c[:, None] > offs_c[None, :]  # s < t
+        for start in range(0, N, BLOCK_C):
+            t = start + offs_c
+            tmask = t < N
+            m = tl.load(M + b * N + t, mask=tmask, other=0.0)
+            w = tl.load(W + bh * N + t, mask=tmask, other=0.0)  # already masked
+            x = tl.load(S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            x = x.to(tl.float32) * w[:, None]  # (C, BD)
+            cl = tl.cumsum(ld * m, 0)  # inclusive log decay in the chunk, <= 0, non-increasing
+            decay = tl.where(lower, tl.exp(tl.minimum(cl[:, None] - cl[None, :], 0.0)), 0.0)  # (C, C)
+            carry = tl.exp(cl)  # (C,)
+            num = tl.dot(decay, x, input_precision="ieee") + carry[:, None] * state[None, :]
+            den = tl.sum(decay * w[None, :], 1) + carry * state_w
+            out = num / den[:, None]
+            tl.store(OUT + (bh * N + t)[:, None] * D + offs_d[None, :], out, mask=tmask[:, None] & dmask[None, :])
+            last = tl.sum(tl.where(offs_c == BLOCK_C - 1, cl, 0.0), 0)  # padding rows add 0
+            tail = tl.exp(last - cl)  # (C,) decay from each row to the chunk's end
+            state = tl.exp(last) * state + tl.sum(tail[:, None] * x, 0)
+            state_w = tl.exp(last) * state_w + tl.sum(tail * w, 0)
+        tl.store(OUTS + bh * D + offs_d, state, mask=dmask)
+        tl.store(OUTW + bh + db * 0, state_w, mask=db == 0)
+
+    @triton.jit
+    def _local_kernel(
+        S, M, HIST, HMASK, NULL, OUT,
+        N, H, D, WINDOW,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        tb = tl.program_id(1)
+        db = tl.program_id(2)
+        b = bh // H
+        h = bh % H
+        t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = t < N
+        offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        count = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for k in range(1, WINDOW + 1):
+            j = t - k
+            in_seq = tmask & (j >= 0)
+            in_hist = tmask & (j < 0) & (j >= -WINDOW)
+            ms = tl.load(M + b * N + j, mask=in_seq, other=0.0)
+            mh = tl.load(HMASK + b * WINDOW + WINDOW + j, mask=in_hist, other=0.0)
+            xs = tl.load(S + (bh * N + j)[:, None] * D + offs_d[None, :], mask=in_seq[:, None] & dmask[None, :], other=0.0)
+            xh = tl.load(
+                HIST + (bh * WINDOW + WINDOW + j)[:, None] * D + offs_d[None, :],
+                mask=in_hist[:, None] & dmask[None, :],
+                other=0.0,
+            )
+            acc += xs.to(tl.float32) * ms[:, None] + xh.to(tl.float32) * mh[:, None]
+            count += ms + mh
+        null = tl.load(NULL + h * D + offs_d, mask=dmask, other=0.0)
+        out = tl.where(count[:, None] > 0, acc / tl.maximum(count, 1.0)[:, None], null[None, :])
+        tl.store(OUT + (bh * N + t)[:, None] * D + offs_d[None, :], out, mask=tmask[:, None] & dmask[None, :])
+
+
+def _runnable(stream: torch.Tensor) -> bool:
+    return HAS_TRITON and (stream.is_cuda or INTERPRET)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _block_d(dim: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(dim)))
+
+
+def global_context(
+    stream: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    null: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    causal: bool = True,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Triton :func:`vkt_hf.ops.functional.global_context` (forward; gradients via :mod:`.fused`)."""
+    grad_inputs = (stream, weights, null, log_decay) + (tuple(state) if state is not None else ())
+    if not causal or not _runnable(stream) or _needs_grad(*grad_inputs):
+        return fused.global_context(stream, weights, mask, null, log_decay, causal, state, chunk_size)
+    acc = ref.accumulation_dtype(stream.dtype)
+    if acc != torch.float32:  # float64 inputs: the kernels accumulate in float32
+        return fused.global_context(stream, weights, mask, null, log_decay, causal, state, chunk_size)
+    batch, heads, length, dim = stream.shape
+    stream = stream.contiguous()  # (B, H, N, D)
+    m = mask.to(acc).contiguous()  # (B, N)
+    w = (weights.to(acc) * m[:, None, :]).contiguous()  # (B, H, N)
+    ld = torch.zeros(heads, dtype=acc, device=stream.device) if log_decay is None else log_decay.to(acc).contiguous()
+    if state is None:
+        init = null.to(acc).expand(batch, heads, dim).contiguous()
+        init_w = torch.ones(batch, heads, dtype=acc, device=stream.device)
+    else:
+        init, init_w = state[0].to(acc).contiguous(), state[1].to(acc).contiguous()
+    out = torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
+    out_s = torch.empty(batch, heads, dim, dtype=acc, device=stream.device)
+    out_w = torch.empty(batch, heads, dtype=acc, device=stream.device)
+    block_d = _block_d(dim)
+    grid = (batch * heads, triton.cdiv(dim, block_d))
+    _global_kernel[grid](stream, w, m, ld, init, init_w, out, out_s, out_w, length, heads, dim, BLOCK_C=64, BLOCK_D=block_d)
+    return out, (out_s, out_w)
+
+
+def local_context(
+    stream: torch.Tensor,
+    mask: torch.Tensor,
+    null: torch.Tensor,
+    window: int,
+    causal: bool = True,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Triton :func:`vkt_hf.ops.functional.local_context` (forward; gradients via :mod:`.fused`)."""
+    grad_inputs = (stream, null) + ((state[0],) if state is not None else ())
+    if not causal or not _runnable(stream) or _needs_grad(*grad_inputs) or stream.dtype == torch.float64:
+        return fused.local_context(stream, mask, null, window, causal, state)
+    acc = torch.float32
+    batch, heads, length, dim = stream.shape
+    stream = stream.contiguous()
+    m = mask.to(acc).contiguous()  # (B, N)
+    if state is None:
+        hist = torch.zeros(batch, heads, window, dim, dtype=stream.dtype, device=stream.device)
+        hist_mask = torch.zeros(batch, window, dtype=acc, device=stream.device)
+    else:
+        hist, hist_mask = state[0].to(stream.dtype).contiguous(), state[1].to(acc).contiguous()
+    out = torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
+    block_d, block_t = _block_d(dim), 64
+    grid = (batch * heads, triton.cdiv(length, block_t), triton.cdiv(dim, block_d))
+    _local_kernel[grid](
+        stream, m, hist, hist_mask, null.to(acc).contiguous(), out, length, heads, dim, window,
+        BLOCK_T=block_t, BLOCK_D=block_d,
+    )  # fmt: skip
+    last_vectors = torch.cat([hist, stream[..., -window:, :]], dim=-2)[..., -window:, :]
+    last_mask = torch.cat([hist_mask.to(mask.dtype), mask[..., -window:]], dim=-1)[..., -window:]
+    return out, (last_vectors, last_mask)
