@@ -16,7 +16,7 @@ def test_importance_map_matches_output_attentions(tmp_path):
     tokenizer = get_tokenizer("byte")
     imap = importance_map(model, tokenizer, "It is a truth universally acknowledged")
     assert imap.layers == [0] and imap.scalars.shape == (1, 4, len(imap.tokens))
-    ids = torch.tensor([[b + 3 for b in "It is a truth universally acknowledged".encode()]])
+    ids = torch.tensor([[b + 3 for b in b"It is a truth universally acknowledged"]])
     with torch.no_grad():
         expected = model(ids, output_attentions=True).attentions[0][0]
     torch.testing.assert_close(imap.scalars[0], expected)

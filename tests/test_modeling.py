@@ -119,14 +119,14 @@ def reference_mixer(layer: vkt_hf.VKTAttention, x: torch.Tensor) -> tuple[torch.
         U = Vv if cfg.gated_value == "value" else Q
         V = head(imp, h) if imp is not None else p["importance"][h].expand(n_tok, d)
         c, cv = p["null_context"][h], (p["null_value"][h] if cfg.readout else None)
+        s = [float(Q[j] @ V[j]) for j in range(n_tok)]  # importance scores
+        w = [F.softplus(torch.tensor(sj)).item() if cfg.context_weights == "importance" else 1.0 for sj in s]
         for i in range(n_tok):
-            s = lambda j: float(Q[j] @ V[j])  # noqa: E731
-            w = lambda j: F.softplus(torch.tensor(s(j))).item() if cfg.context_weights == "importance" else 1.0  # noqa: E731
             g = float(gamma[h])
             num, den = g ** (i + 1) * c, g ** (i + 1)
             numv = g ** (i + 1) * cv if cv is not None else None
             for j in range(i):
-                f = g ** (i - j) * w(j)
+                f = g ** (i - j) * w[j]
                 num, den = num + f * R[j], den + f
                 if numv is not None:
                     numv = numv + f * Vv[j]
@@ -135,7 +135,7 @@ def reference_mixer(layer: vkt_hf.VKTAttention, x: torch.Tensor) -> tuple[torch.
             T = R[near].mean(0) if near else c
             kt = float(K @ T)
             kt = max(kt, cfg.eps) if kt >= 0 else min(kt, -cfg.eps)
-            a = s(i) / kt
+            a = s[i] / kt
             if cfg.normalization == "decimal":
                 while abs(a) >= 1:
                     a /= 10
