@@ -25,16 +25,16 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 test-min:
-	$(MAKE) test VENV=.venv-min
+	$(MAKE) setup VENV=$(VENV)-min
 	$(VENV)-min/bin/python -m pip install -q "transformers==$(TRANSFORMERS_MIN)"
-	.venv-min/bin/python -m pytest -q
+	$(VENV)-min/bin/python -m pytest -q
 
 lint: setup
 	$(PY) -m ruff check vkt_hf recipes benchmarks scripts tests
 	$(PY) -m ruff format --check vkt_hf recipes benchmarks scripts tests
 
 main: setup
-	$(PY) -m vkt_hf.quickstart
+	$(PY) recipes/main.py
 
 clean:
-	rm -rf $(VENV) .venv-min
+	rm -rf $(VENV) $(VENV)-min

@@ -100,13 +100,12 @@ def run_point(method: str, length: int, mode: str, args) -> dict:
     torch.manual_seed(0)
     layer = _layer(heads, kv_heads, dim, device).to(dtype if method == "vkt_layer" else torch.float32)
     grad = mode == "fwd+bwd"
-    q, k, v = (torch.randn(1, heads, length, dim, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
-    gates = torch.rand(2, 1, heads, length, device=device, dtype=dtype)
-    hidden = torch.randn(1, length, heads * dim, device=device, dtype=dtype, requires_grad=grad)
-    if method != "vkt_layer":
-        del hidden
+    # only the inputs this method reads (a freed input would still count in the RSS high-water mark)
+    if method == "vkt_layer":
+        hidden = torch.randn(1, length, heads * dim, device=device, dtype=dtype, requires_grad=grad)  # (B, N, H*d)
     else:
-        del q, k, v, gates
+        q, k, v = (torch.randn(1, heads, length, dim, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
+        gates = torch.rand(2, 1, heads, length, device=device, dtype=dtype)  # (2, B, H, N)
     fns = {
         "vkt_core": lambda: vkt_core(q, k, v, gates, layer, None),
         "vkt_core_ref": lambda: vkt_core(q, k, v, gates, layer, "reference"),
