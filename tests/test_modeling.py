@@ -286,6 +286,7 @@ def test_tied_embeddings_option():
         (dict(distance_decay="yes"), "distance_decay"),
         (dict(num_hidden_layers=0, mixer_types=[]), "num_hidden_layers"),
         (dict(mixer_chunk_size=0), "mixer_chunk_size"),
+        (dict(vkt_backend="cuda"), "vkt_backend"),
     ],
 )
 def test_bad_configs_name_the_field(kwargs, field):

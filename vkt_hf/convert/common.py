@@ -38,7 +38,13 @@ class ConversionError(ValueError):
 # natural readings for a checkpoint that has them; pass `context_source="query"` etc. to override.
 CONVERSION_DEFAULTS: dict[str, Any] = {"context_source": "key", "gated_value": "value"}
 # options a converted layer accepts besides the preset fields
-EXTRA_OPTIONS: dict[str, Any] = {"local_window": 16, "eps": 1e-6, "mixer_chunk_size": 4096}
+EXTRA_OPTIONS: dict[str, Any] = {
+    "local_window": 16,
+    "eps": 1e-3,
+    "accumulation_dtype": "float32",
+    "mixer_chunk_size": 4096,
+    "vkt_backend": "auto",
+}
 # how new parameters start (see docs/conversion.md, "Initialisation"); not stored in the saved config,
 # the saved weights carry the result
 INIT_DEFAULTS: dict[str, Any] = {"importance_init": "zeros", "readout_init": (0.5, 0.5)}

@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from ...ops import BACKENDS
 from ...ops.functional import NORMALIZATIONS
 
 MIXER_TYPES = ("vkt", "softmax", "none")
@@ -61,6 +62,9 @@ def validate_vkt_options(config: Any) -> None:
         )
     if config.accumulation_dtype not in ("float32", "float64"):
         raise ValueError(f"`accumulation_dtype` must be 'float32' or 'float64', got {config.accumulation_dtype!r}")
+    backend = getattr(config, "vkt_backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"`vkt_backend` must be one of {BACKENDS}, got {backend!r}")
     for name in ("distance_decay", "readout", "causal"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"`{name}` must be True or False, got {getattr(config, name)!r}")
@@ -100,6 +104,9 @@ class VKTConfig(PretrainedConfig):
             ``K`` and ``T`` are nearly orthogonal); 1e-6 lets chunked and whole passes differ by ~1e-4.
         accumulation_dtype (`str`, *optional*, defaults to `"float32"`): dtype of the context sums
             and the ratio, `"float32"` or `"float64"`.
+        vkt_backend (`str`, *optional*): kernels for the context sums: `"reference"`, `"fused"`,
+            `"triton"` or `"auto"` (the default: picked per device and size, see `vkt_hf.ops`; the
+            `VKT_BACKEND` environment variable overrides `"auto"`). Same results, different speed.
         causal (`bool`, *optional*, defaults to `True`): causal (decoder) or bidirectional mixing.
         mixer_types (`list[str]`, *optional*): per layer `"vkt"`, `"softmax"` or `"none"`; defaults
             to all `"vkt"`. Softmax layers use RoPE and a KV cache (for hybrids and baselines).
@@ -143,6 +150,7 @@ class VKTConfig(PretrainedConfig):
         local_window: int = 16,
         eps: float = 1e-3,
         accumulation_dtype: str = "float32",
+        vkt_backend: str = "auto",
         causal: bool = True,
         mixer_types: list[str] | None = None,
         mixer_chunk_size: int = 4096,
@@ -192,6 +200,7 @@ class VKTConfig(PretrainedConfig):
         self.local_window = local_window
         self.eps = eps
         self.accumulation_dtype = accumulation_dtype
+        self.vkt_backend = vkt_backend
         self.causal = causal
         self.mixer_types = list(mixer_types) if mixer_types is not None else ["vkt"] * num_hidden_layers
         self.mixer_chunk_size = mixer_chunk_size
