@@ -77,3 +77,26 @@ def test_card_without_eval_or_base_model(tmp_path):
     assert "base_model" not in meta and "datasets" not in meta
     assert [m["type"] for m in meta["model-index"][0]["results"][0]["metrics"]][:2] == ["loss", "perplexity"]
     assert "## Plots" not in body
+
+
+def test_card_carries_the_ablation_table_and_plot(run_dir, tmp_path):
+    ablation = {
+        "args": {"steps": [10, 30], "seeds": [0, 1]},
+        "rows": [
+            {"variant": "softmax attention", "bpb@30": 2.5, "spread@30": 0.1, "gap@30": 1.0},
+            {"variant": "default", "bpb@30": 2.625, "spread@30": 0.05, "gap@30": 0.75},
+            {"variant": "no mixing", "bpb@30": 3.0, "spread@30": 0.1, "gap@30": 0.0},
+        ],
+    }
+    path = tmp_path / "docs" / "ablation.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(ablation))
+    shutil.copy(next(run_dir.glob("**/*.png")), path.with_suffix(".png"))
+    written = write_model_card(run_dir, out=tmp_path / "cards", ablation=path)
+    card = written.read_text()
+    assert "| default | 2.625 ± 0.050 | 0.75 |" in card
+    assert f"![ablation]({written.stem}_assets/ablation.png)" in card
+    assert (written.parent / f"{written.stem}_assets" / "ablation.png").exists()
+    with pytest.raises(FileNotFoundError, match="ablate"):
+        write_model_card(run_dir, ablation=tmp_path / "missing.json")
+

@@ -94,7 +94,28 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
-def card_body(run: dict[str, Any], plots: list[str]) -> str:
+def ablation_section(ablation: dict[str, Any], plot: str | None) -> list[str]:
+    """Markdown lines summarising an ablation JSON written by ``recipes/ablate.py``."""
+    budget = max(ablation["args"]["steps"])
+    lines = [
+        "",
+        "## The ablation behind the default preset",
+        "",
+        f"From `recipes/ablate.py` (see `docs/ablation.md`): validation bits per byte after {budget} steps, "
+        f"mean ± half the range over seeds {ablation['args']['seeds']}, and the fraction of the "
+        "no-mixing → softmax gap each variant closes.",
+        "",
+        "| variant | bits/byte | gap closed |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {r['variant']} | {r[f'bpb@{budget}']:.3f} ± {r[f'spread@{budget}']:.3f} | {r[f'gap@{budget}']:.2f} |"
+        for r in ablation["rows"]
+    ]
+    return lines + (["", f"![ablation]({plot})"] if plot else [])
+
+
+def card_body(run: dict[str, Any], plots: list[str], ablation: dict[str, Any] | None = None) -> str:
     """The markdown body: what the model is, how it was trained, what was measured."""
     model, data, cfg, final = run.get("model", {}), run.get("data", {}), run.get("config", {}), run.get("final", {})
     mixers = model.get("mixer_types") or []
@@ -145,8 +166,12 @@ def card_body(run: dict[str, Any], plots: list[str]) -> str:
     if "passkey" in ev:
         lines += ["", "Passkey retrieval (exact match):", "", "| context | depth | accuracy |", "|---|---|---|"]
         lines += [f"| {r['context_length']} | {r['depth']} | {r['accuracy']:.2f} |" for r in ev["passkey"]["results"]]
+    ablation_plot = next((p for p in plots if Path(p).stem == "ablation"), None)
+    plots = [p for p in plots if p != ablation_plot]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
+    if ablation:
+        lines += ablation_section(ablation, ablation_plot)
     if ev.get("samples"):
         lines += ["", "## Samples", ""]
         for s in ev["samples"]:
@@ -162,7 +187,9 @@ def card_body(run: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(run_dir: str | Path, out: str | Path | None = None, name: str | None = None) -> Path:
+def write_model_card(
+    run_dir: str | Path, out: str | Path | None = None, name: str | None = None, ablation: str | Path | None = None
+) -> Path:
     """Write the card of the run in ``run_dir``.
 
     Args:
@@ -171,6 +198,8 @@ def write_model_card(run_dir: str | Path, out: str | Path | None = None, name: s
             folder exists, so a pushed model carries its card); a directory -> ``<out>/<name>.md``
             with the plots copied to ``<out>/<name>_assets/``; a ``.md`` path -> that file.
         name: card name (default: the run's name).
+        ablation: an ablation JSON (``docs/ablation.json``, from ``recipes/ablate.py``) whose table
+            and plot (the ``.png`` beside it) go into the card.
 
     Returns:
         The path of the card written.
@@ -180,26 +209,36 @@ def write_model_card(run_dir: str | Path, out: str | Path | None = None, name: s
     if name:
         run["name"] = name
     plot_files = sorted(run_dir.glob("*.png")) + sorted(run_dir.glob("eval/*.png"))
+    ablation_data = None
+    if ablation is not None:
+        ablation = Path(ablation)
+        if not ablation.is_file():
+            raise FileNotFoundError(f"{ablation}: no ablation JSON there (run recipes/ablate.py first)")
+        ablation_data = json.loads(ablation.read_text())
+        if ablation.with_suffix(".png").is_file():
+            plot_files.append(ablation.with_suffix(".png"))
     if out is None:
         target = run_dir / "README.md"
     else:
         out = Path(out)
         target = out if out.suffix == ".md" else out / f"{run['name']}.md"
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.parent.resolve() == run_dir.resolve():
-        plots = [str(p.relative_to(run_dir)) for p in plot_files]
-    else:
-        assets = target.parent / f"{target.stem}_assets"
-        plots = []
-        for p in plot_files:
+    # plots already beside the card are linked; the others are copied to <card>_assets/
+    assets = target.parent / f"{target.stem}_assets"
+    plots = []
+    for p in plot_files:
+        if p.resolve().is_relative_to(target.parent.resolve()):
+            plots.append(str(p.resolve().relative_to(target.parent.resolve())))
+        else:
             assets.mkdir(exist_ok=True)
             shutil.copy2(p, assets / p.name)
             plots.append(f"{assets.name}/{p.name}")
-    text = f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run, plots)}"
+    text = f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run, plots, ablation_data)}"
     target.write_text(text, encoding="utf-8")
     if out is None and (run_dir / "model").is_dir():
         model_plots = [f"../{p}" for p in plots]
         (run_dir / "model" / "README.md").write_text(
-            f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run, model_plots)}", encoding="utf-8"
+            f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run, model_plots, ablation_data)}",
+            encoding="utf-8",
         )
     return target

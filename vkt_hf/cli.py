@@ -166,7 +166,7 @@ def run_card(args: argparse.Namespace) -> int:
     from .cards import write_model_card
 
     try:
-        path = write_model_card(args.run_dir, out=args.out, name=args.name)
+        path = write_model_card(args.run_dir, out=args.out, name=args.name, ablation=args.ablation)
     except FileNotFoundError as err:
         raise CLIError(str(err)) from err
     _progress(f"model card: {path}")
@@ -182,6 +182,7 @@ def add_card_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run_dir", help="a run folder written by recipes/train.py")
     parser.add_argument("--out", default=None, help="a folder (writes <name>.md there) or a .md path")
     parser.add_argument("--name", default=None, help="card / model name (default: the run's name)")
+    parser.add_argument("--ablation", default=None, help="include this ablation JSON (docs/ablation.json) and its plot")
     parser.set_defaults(func=run_card)
 
 
