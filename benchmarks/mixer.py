@@ -81,7 +81,9 @@ def vkt_core(q, k, v, gates, layer, backend: str | None) -> torch.Tensor:
         g, g_state = ops.global_context(stream, weights, m, null, ld, state=g_state, backend=backend)
         t, l_state = ops.local_context(stream, m, null, layer.local_window, state=l_state, backend=backend)
         att = vkt.scalar_attention(scores, g[..., :d], t[..., :d], layer.config.eps, layer.config.normalization)
-        mixed = att.unsqueeze(-1) * vc + gates[0, :, :, a:b, None] * g[..., d:] + gates[1, :, :, a:b, None] * t[..., d:]
+        mixed = (
+            att.unsqueeze(-1) * vc + gates[0, :, :, a:b, None] * g[..., d:] + gates[1, :, :, a:b, None] * t[..., d:]
+        )
         out[:, :, a:b] = mixed
     return out
 
@@ -104,7 +106,9 @@ def run_point(method: str, length: int, mode: str, args) -> dict:
     if method == "vkt_layer":
         hidden = torch.randn(1, length, heads * dim, device=device, dtype=dtype, requires_grad=grad)  # (B, N, H*d)
     else:
-        q, k, v = (torch.randn(1, heads, length, dim, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
+        q, k, v = (
+            torch.randn(1, heads, length, dim, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)
+        )
         gates = torch.rand(2, 1, heads, length, device=device, dtype=dtype)  # (2, B, H, N)
     fns = {
         "vkt_core": lambda: vkt_core(q, k, v, gates, layer, None),
@@ -170,7 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-seconds", type=float, default=240.0, help="skip points predicted to take longer")
     parser.add_argument("--max-eager-gib", type=float, default=8.0, help="skip eager beyond this score matrix")
     parser.add_argument("--ref-max-length", type=int, default=262144, help="longest length for vkt_core_ref")
-    parser.add_argument("--in-process", action="store_true", help="no subprocess per point (CUDA memory is exact anyway)")
+    parser.add_argument(
+        "--in-process", action="store_true", help="no subprocess per point (CUDA memory is exact anyway)"
+    )
     parser.add_argument("--out", default="docs/benchmarks/mixer_cpu.json")
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     parser.add_argument("--point", nargs=3, metavar=("METHOD", "LENGTH", "MODE"), help=argparse.SUPPRESS)
@@ -243,12 +249,18 @@ def _run_isolated(method: str, length: int, mode: str, args) -> dict | None:
 
 def _payload(args, results: list[dict], stopped: dict) -> dict:
     def get(method, length, mode="fwd"):
-        return next((r["seconds"] for r in results if (r["method"], r["length"], r["mode"]) == (method, length, mode)), None)
+        return next(
+            (r["seconds"] for r in results if (r["method"], r["length"], r["mode"]) == (method, length, mode)), None
+        )
 
     ratios = []
     for length in sorted({r["length"] for r in results}):
         for mode in ("fwd", "fwd+bwd"):
-            sdpa, core, layer = get("sdpa", length, mode), get("vkt_core", length, mode), get("vkt_layer", length, mode)
+            sdpa, core, layer = (
+                get("sdpa", length, mode),
+                get("vkt_core", length, mode),
+                get("vkt_layer", length, mode),
+            )
             copy = get("copy", length)
             if sdpa and core:
                 ratios.append(f"N={length} {mode}: sdpa / vkt_core = {sdpa / core:.1f}x")
@@ -260,9 +272,18 @@ def _payload(args, results: list[dict], stopped: dict) -> dict:
         "benchmark": "mixer",
         "command": " ".join(sys.argv),
         "machine": machine_info(args.device),
-        "config": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.dim, "batch": 1,
-                   "dtype": args.dtype, "vkt_preset": "default", "chunk": CHUNK, "local_window": 16},  # fmt: skip
-        "memory_method": "CUDA max_memory_allocated delta" if args.device.startswith("cuda") or args.in_process
+        "config": {
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "head_dim": args.dim,
+            "batch": 1,
+            "dtype": args.dtype,
+            "vkt_preset": "default",
+            "chunk": CHUNK,
+            "local_window": 16,
+        },  # fmt: skip
+        "memory_method": "CUDA max_memory_allocated delta"
+        if args.device.startswith("cuda") or args.in_process
         else "getrusage ru_maxrss high-water minus RSS after inputs, one subprocess per point",
         "results": results,
         "stopped": stopped,
@@ -296,7 +317,9 @@ def plot(payload: dict, path: str) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=7)
-    fig.suptitle(f"Mixer, H={payload['config']['heads']}, d={payload['config']['head_dim']}, batch 1 — {title}", fontsize=9)
+    fig.suptitle(
+        f"Mixer, H={payload['config']['heads']}, d={payload['config']['head_dim']}, batch 1 — {title}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

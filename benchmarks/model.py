@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="SmolLM2 checkpoint folder (scripts/fetch_smollm2.py)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
-    parser.add_argument("--prefill", action="store_true", help="really prefill the context (else synthetic, see above)")
+    parser.add_argument(
+        "--prefill", action="store_true", help="really prefill the context (else synthetic, see above)"
+    )
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per forward)")
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
@@ -202,7 +204,9 @@ def plot(payload: dict, path: str) -> None:
             axes[0].plot(xs, [r["prefill_tokens_per_s"] for r in rows], style, marker="o", label=label)
         axes[1].plot(xs, [r["decode_seconds_per_token"] * 1e3 for r in rows], style, marker="o", label=label)
         axes[2].plot(xs, [r["peak_rss_delta_bytes"] / 2**20 for r in rows], style, marker="o", label=label)
-        axes[3].plot(xs, [(r["kv_cache_bytes"] + r["vkt_state_bytes"]) / 2**20 for r in rows], style, marker="o", label=label)
+        axes[3].plot(
+            xs, [(r["kv_cache_bytes"] + r["vkt_state_bytes"]) / 2**20 for r in rows], style, marker="o", label=label
+        )
     titles = ["prefill tokens/s", "decode ms / token", "peak RSS delta (MiB)", "cache bytes (MiB, all layers)"]
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
@@ -212,7 +216,10 @@ def plot(payload: dict, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=7)
     m = payload["machine"]
-    fig.suptitle(f"SmolLM2-135M, float32, batch 1 — {m['device_name']} ({m['cpu_cores']} cores), torch {m['torch_version']}", fontsize=9)
+    fig.suptitle(
+        f"SmolLM2-135M, float32, batch 1 — {m['device_name']} ({m['cpu_cores']} cores), torch {m['torch_version']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not {"no mixing", "softmax attention"} <= set(args.variants):
-        parser.error(f"unknown variants {unknown}; 'no mixing' and 'softmax attention' are required ({list(VARIANTS)})")
+        parser.error(
+            f"unknown variants {unknown}; 'no mixing' and 'softmax attention' are required ({list(VARIANTS)})"
+        )
     budgets = sorted(args.steps)
     jobs = [(name, seed) for name in args.variants for seed in args.seeds]
     partial = Path(args.doc).with_suffix(".runs.json")

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min_steps", type=int, default=60, help="lower bound on training steps per model")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="a smoke test: fixture texts, a tiny model, seconds")
+    parser.add_argument("--cards_dir", default=str(ROOT / "model_cards"), help="where the published cards go")
     args = parser.parse_args(argv)
     start = time.time()
     torch.set_num_threads(args.threads)
@@ -180,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         "streaming": ev.plot_streaming({n: r["eval"]["streaming"] for n, r in results.items()}, out / "streaming.png"),
         "passkey": ev.plot_passkey({n: r["eval"]["passkey"] for n, r in results.items()}, out / "passkey.png"),
     }
-    cards = {name: write_model_card(out / name) for name in MODELS}
+    ablation = ROOT / "docs" / "ablation.json"  # the ablation table goes into the cards when it exists
+    ablation = ablation if ablation.is_file() else None
+    cards = {name: write_model_card(out / name, ablation=ablation) for name in MODELS}
+    for name in MODELS:  # the published copies
+        write_model_card(out / name, out=args.cards_dir, name=f"vkt-hf-main-{name}", ablation=ablation)
     wall = time.time() - start
     first = results[MODELS[0]]
     stream = first["eval"]["streaming"]

@@ -99,4 +99,3 @@ def test_card_carries_the_ablation_table_and_plot(run_dir, tmp_path):
     assert (written.parent / f"{written.stem}_assets" / "ablation.png").exists()
     with pytest.raises(FileNotFoundError, match="ablate"):
         write_model_card(run_dir, ablation=tmp_path / "missing.json")
-

@@ -27,6 +27,8 @@ def test_importance_map_matches_output_attentions(tmp_path):
 
 
 def test_model_without_vkt_layers_is_refused():
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(ValueError, match="no VKT layers"):
         importance_map(model, get_tokenizer("byte"), "hello")

@@ -78,7 +78,9 @@ def test_left_padding_gives_each_row_alone(variant):
     # and generation from the padded batch equals generation from each row
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     for r, row in enumerate(rows):
-        alone = model.generate(row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long), max_new_tokens=6, do_sample=False)
+        alone = model.generate(
+            row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long), max_new_tokens=6, do_sample=False
+        )
         assert torch.equal(out[r, 12:], alone[0, len(row) :])
 
 

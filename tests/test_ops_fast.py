@@ -227,4 +227,6 @@ def test_triton_matches_reference_on_gpu(shape, decay, padded, carry):
         got, _ = triton_ops.local_context(stream, mask, null, window, state=l_state)
         torch.testing.assert_close(got, want, **TOL)
         got_fused, _ = fused.global_context(stream, weights, mask, null, ld, state=g_state)
-        torch.testing.assert_close(got_fused, ref.global_context(stream, weights, mask, null, ld, state=g_state)[0], **TOL)
+        torch.testing.assert_close(
+            got_fused, ref.global_context(stream, weights, mask, null, ld, state=g_state)[0], **TOL
+        )

@@ -200,3 +200,17 @@ def test_finetune_lora_saves_a_merged_model(tmp_path, tiny_llama):
     assert not any("lora" in k for k in model.state_dict())
     assert len(train_recipe.vkt_layers(model)) == 2
     assert (out / "checkpoints" / "step_000002" / "model" / "adapter_config.json").exists()
+
+
+def test_main_job_quick_run_writes_report_and_cards(tmp_path):
+    out, cards = tmp_path / "main", tmp_path / "cards"
+    cmd = [sys.executable, str(ROOT / "recipes" / "main.py"), "--quick", "--out", str(out), "--cards_dir", str(cards)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"vkt", "softmax"} and report["steps"] >= 1
+    assert all(m["eval"]["streaming"]["ppl"] > 1 for m in report["models"].values())
+    assert (out / "report.md").read_text().count("| vkt |") == 1
+    for name in ("vkt", "softmax"):
+        card = (cards / f"vkt-hf-main-{name}.md").read_text()
+        assert card.startswith("---") and "model-index" in card

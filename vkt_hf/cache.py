@@ -144,7 +144,9 @@ def vkt_state_layer(cache: DynamicCache, layer_idx: int) -> VKTStateLayer:
     if not hasattr(cache, "layers"):
         raise TypeError(f"VKT layers need a transformers Cache with per-layer storage, got {type(cache).__name__}")
     while len(cache.layers) <= layer_idx:
-        cache.layers.append(DynamicLayer() if cache.layer_class_to_replicate is None else cache.layer_class_to_replicate())
+        cache.layers.append(
+            DynamicLayer() if cache.layer_class_to_replicate is None else cache.layer_class_to_replicate()
+        )
     layer = cache.layers[layer_idx]
     if not isinstance(layer, VKTStateLayer):
         if layer.get_seq_length() > 0:

@@ -182,7 +182,9 @@ def add_card_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run_dir", help="a run folder written by recipes/train.py")
     parser.add_argument("--out", default=None, help="a folder (writes <name>.md there) or a .md path")
     parser.add_argument("--name", default=None, help="card / model name (default: the run's name)")
-    parser.add_argument("--ablation", default=None, help="include this ablation JSON (docs/ablation.json) and its plot")
+    parser.add_argument(
+        "--ablation", default=None, help="include this ablation JSON (docs/ablation.json) and its plot"
+    )
     parser.set_defaults(func=run_card)
 
 
@@ -236,7 +238,11 @@ def add_explain_parser(subparsers: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert_parser, add_card_parser, add_explain_parser]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_convert_parser,
+    add_card_parser,
+    add_explain_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

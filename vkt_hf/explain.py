@@ -66,7 +66,9 @@ def importance_map(model: nn.Module, tokenizer, text: str, max_tokens: int = 512
 def _color(value: float, scale: float) -> str:
     """Diverging shade: blue for negative, red for positive ``a``, white at 0."""
     x = max(-1.0, min(1.0, value / scale)) if scale > 0 else 0.0
-    r, g, b = (255, int(255 * (1 - x)), int(255 * (1 - x))) if x >= 0 else (int(255 * (1 + x)), int(255 * (1 + x)), 255)
+    r, g, b = (
+        (255, int(255 * (1 - x)), int(255 * (1 - x))) if x >= 0 else (int(255 * (1 + x)), int(255 * (1 + x)), 255)
+    )
     return f"rgb({r},{g},{b})"
 
 

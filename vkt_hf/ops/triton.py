@@ -66,7 +66,9 @@ if HAS_TRITON:
             tmask = t < N
             m = tl.load(M + b * N + t, mask=tmask, other=0.0)
             w = tl.load(W + bh * N + t, mask=tmask, other=0.0)  # already masked
-            x = tl.load(S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            x = tl.load(
+                S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0
+            )
             x = x.to(tl.float32) * w[:, None]  # (C, BD)
             cl = tl.cumsum(ld * m, 0)  # inclusive log decay in the chunk, <= 0, non-increasing
             decay = tl.where(lower, tl.exp(tl.minimum(cl[:, None] - cl[None, :], 0.0)), 0.0)  # (C, C)
@@ -105,7 +107,9 @@ if HAS_TRITON:
             in_hist = tmask & (j < 0) & (j >= -WINDOW)
             ms = tl.load(M + b * N + j, mask=in_seq, other=0.0)
             mh = tl.load(HMASK + b * WINDOW + WINDOW + j, mask=in_hist, other=0.0)
-            xs = tl.load(S + (bh * N + j)[:, None] * D + offs_d[None, :], mask=in_seq[:, None] & dmask[None, :], other=0.0)
+            xs = tl.load(
+                S + (bh * N + j)[:, None] * D + offs_d[None, :], mask=in_seq[:, None] & dmask[None, :], other=0.0
+            )
             xh = tl.load(
                 HIST + (bh * WINDOW + WINDOW + j)[:, None] * D + offs_d[None, :],
                 mask=in_hist[:, None] & dmask[None, :],
@@ -162,7 +166,9 @@ def global_context(
     out_w = torch.empty(batch, heads, dtype=acc, device=stream.device)
     block_d = _block_d(dim)
     grid = (batch * heads, triton.cdiv(dim, block_d))
-    _global_kernel[grid](stream, w, m, ld, init, init_w, out, out_s, out_w, length, heads, dim, BLOCK_C=64, BLOCK_D=block_d)
+    _global_kernel[grid](
+        stream, w, m, ld, init, init_w, out, out_s, out_w, length, heads, dim, BLOCK_C=64, BLOCK_D=block_d
+    )
     return out, (out_s, out_w)
 
 

@@ -123,7 +123,9 @@ class VKTDecoderLayer(GradientCheckpointingLayer):
         cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        mixed, scalars = self.self_attn(self.input_layernorm(hidden_states), attention_mask=attention_mask, cache=cache)
+        mixed, scalars = self.self_attn(
+            self.input_layernorm(hidden_states), attention_mask=attention_mask, cache=cache
+        )
         hidden_states = hidden_states + mixed
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, scalars
