@@ -53,6 +53,7 @@ VARIANTS: dict[str, tuple[Any, dict[str, Any]]] = {
     "default, 1/2 softmax layers": (["vkt", "softmax", "vkt", "softmax"], DEFAULT),
 }
 BASE_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4)
+GENERATED_END = "<!-- end of the generated part: hand-written notes below are kept on reruns -->"
 O_N = ("no mixing", "softmax attention", "default, 1/4 softmax layers", "default, 1/2 softmax layers")
 
 
@@ -129,9 +130,9 @@ def write_report(rows: list[dict], budgets: list[int], args: argparse.Namespace,
         + " ".join(
             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items()
-            if not (k == "variants" and v == list(VARIANTS))
+            if v is not None and not (k == "variants" and v == list(VARIANTS))
         )
-        + "` (do not edit by hand).",
+        + "`. Everything above the closing marker is generated; what follows it is kept on reruns.",
         "",
         f"Byte-level language models ({BASE_MODEL['num_hidden_layers']} layers, width {BASE_MODEL['hidden_size']}, "
         f"{BASE_MODEL['num_attention_heads']} heads, {args.seq_len}-byte sequences, batch {args.batch_size}) "
@@ -155,8 +156,10 @@ def write_report(rows: list[dict], budgets: list[int], args: argparse.Namespace,
         "",
         "![ablation](ablation.png)",
         "",
+        GENERATED_END,
     ]
-    doc.write_text("\n".join(lines))
+    kept = doc.read_text().split(GENERATED_END, 1)[1] if doc.exists() and GENERATED_END in doc.read_text() else "\n"
+    doc.write_text("\n".join(lines) + kept)
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
     names = [r["variant"] for r in rows][::-1]
     for b, color in ((b1, "tab:gray"), (b2, "tab:blue")):

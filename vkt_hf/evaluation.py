@@ -295,6 +295,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path, tight: bool = True) -> Path:
+    """Write a figure as PNG and close it."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return Path(path)
+
+
 def plot_position_buckets(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """Perplexity by position bucket, one line per model (``{model: position_bucket_perplexity(...)}``)."""
     plt = _pyplot()
@@ -305,10 +314,7 @@ def plot_position_buckets(results: dict[str, dict[str, Any]], path: str | Path) 
     ax.set(xlabel="token position", ylabel="perplexity", title="Perplexity by position")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_streaming(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
@@ -320,10 +326,7 @@ def plot_streaming(results: dict[str, dict[str, Any]], path: str | Path) -> Path
     ax.set(xlabel="tokens read", ylabel="cumulative perplexity", title="Streaming perplexity", yscale="log")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_passkey(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
@@ -340,9 +343,7 @@ def plot_passkey(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
         ax.set(xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)), yticklabels=depths)
         ax.set(xlabel="context length (tokens)", ylabel="depth", title=name)
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, tight=False)
 
 
 def plot_curves(
@@ -358,7 +359,4 @@ def plot_curves(
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
