@@ -113,6 +113,9 @@ def run_point(variant: str, length: int, args) -> dict:
                 layer.values = torch.randn(1, kv_heads, length, dim)
     result.update(cache_bytes(cache))
     token = out.logits[:, -1:].argmax(-1)
+    gc.collect()
+    before_decode = rss_bytes()  # memory held once the context is in the cache
+    result["context_rss_delta_bytes"] = before_decode - base
     steps = []
     for _ in range(args.decode_tokens + 2):
         start = time.perf_counter()
@@ -122,6 +125,7 @@ def run_point(variant: str, length: int, args) -> dict:
     result["decode_seconds_per_token"] = median(steps[2:])
     result["decode_all_seconds"] = steps[2:]
     result["peak_rss_delta_bytes"] = max(peak_rss_bytes() - base, 0)
+    result["decode_rss_growth_bytes"] = rss_bytes() - before_decode  # what decoding itself added
     result["cache_seq_length"] = cache.get_seq_length()
     return result
 

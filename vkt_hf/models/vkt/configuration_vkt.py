@@ -101,7 +101,7 @@ class VKTConfig(PretrainedConfig):
         local_window (`int`, *optional*, defaults to 16): ``n``, tokens on each side in ``T``.
         eps (`float`, *optional*, defaults to 1e-3): lower bound of ``|K . T|``. It also bounds how
             much float rounding in ``K . T`` is amplified in ``a`` (the ratio is ill-conditioned when
-            ``K`` and ``T`` are nearly orthogonal); 1e-6 lets chunked and whole passes differ by ~1e-4.
+            ``K`` and ``T`` are nearly orthogonal): see ``benchmarks/conditioning.py``.
         accumulation_dtype (`str`, *optional*, defaults to `"float32"`): dtype of the context sums
             and the ratio, `"float32"` or `"float64"`.
         vkt_backend (`str`, *optional*): kernels for the context sums: `"reference"`, `"fused"`,
