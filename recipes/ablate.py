@@ -84,6 +84,7 @@ def run_variant(name: str, seed: int, args: argparse.Namespace) -> dict[int, flo
         log_every=50,
         progress=False,
         max_chars=args.max_chars,
+        val_documents=list(args.val_documents),  # the same held-out books for every variant and seed
     )
     if not (out / "run.json").exists():
         train(cfg)
@@ -187,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="subset of variant names")
     parser.add_argument("--data", default=".cache/vkt-hf/corpus")
     parser.add_argument("--max_chars", type=int, default=None, help="cap the characters read per document")
+    parser.add_argument(
+        "--val_documents",
+        nargs="+",
+        default=["austen_persuasion", "shakespeare_hamlet"],
+        help="held-out documents (names in the corpus manifest), fixed across variants and seeds",
+    )
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
