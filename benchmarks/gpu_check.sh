@@ -4,7 +4,7 @@
 #   OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
 # Uses the machine's own python3 with torch + triton + transformers; installs nothing.
 set -u
-OUT=${OUT:-/tmp/vkt_gpu_out}
+export OUT=${OUT:-/tmp/vkt_gpu_out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -55,7 +55,7 @@ CHUNK = 4096
 def _layer(heads: int, kv_heads: int, dim: int, device: str) -> vkt_hf.VKTAttention:
     config = vkt_hf.VKTConfig(
         hidden_size=heads * dim, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=dim,
-        num_hidden_layers=1, vocab_size=16, prefill_chunk_size=CHUNK,
+        num_hidden_layers=1, vocab_size=16, mixer_chunk_size=CHUNK,
     )  # fmt: skip
     return vkt_hf.VKTAttention(config).to(device).eval()
 

@@ -8,7 +8,7 @@ mark is that point's own):
   tokens/s and peak RSS (``getrusage`` high-water minus RSS after loading the model).
 * **decode**: ``--decode-tokens`` greedy steps one token at a time after the context; median
   seconds per token (two warm-up steps first). Where the context was not really prefilled
-  (``--decode-only``, for lengths where a 2-core CPU cannot prefill the original in the time
+  (without ``--prefill``, for lengths where a 2-core CPU cannot prefill the original in the time
   given) the cache is *synthetic*: random keys/values of length ``L`` for softmax layers, and
   for VKT layers the (fixed-size) state after a real 4096-token prefill with its token count
   set to ``L``. The per-token cost depends only on the cache's size, which is exact; the
@@ -65,6 +65,7 @@ def load(variant: str, path: str):
 def cache_bytes(cache) -> dict:
     """Bytes of the KV cache (softmax layers) and of the VKT states, in total and per layer."""
     from vkt_hf.cache import VKTStateLayer
+    from vkt_hf.models.vkt.modeling_vkt import CACHE_FIELD
 
     kv, state, per_layer = 0, 0, []
     for layer in cache.layers:
@@ -97,12 +98,12 @@ def run_point(variant: str, length: int, args) -> dict:
     if args.prefill:
         start = time.perf_counter()
         for a in range(0, length, args.chunk):
-            out = model(input_ids=ids[:, a : a + args.chunk], cache=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids[:, a : a + args.chunk], **{CACHE_FIELD: cache}, use_cache=True, logits_to_keep=1)
         result["prefill_seconds"] = time.perf_counter() - start
         result["prefill_tokens_per_s"] = length / result["prefill_seconds"]
     else:  # synthetic context of `length` tokens (see the module docstring)
         warm = min(length, 4096)
-        out = model(input_ids=ids[:, :warm], cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids[:, :warm], **{CACHE_FIELD: cache}, use_cache=True, logits_to_keep=1)
         cfg = model.config
         kv_heads, dim = cfg.num_key_value_heads, cfg.head_dim
         for layer in cache.layers:
@@ -119,7 +120,7 @@ def run_point(variant: str, length: int, args) -> dict:
     steps = []
     for _ in range(args.decode_tokens + 2):
         start = time.perf_counter()
-        out = model(input_ids=token, cache=cache, use_cache=True)
+        out = model(input_ids=token, **{CACHE_FIELD: cache}, use_cache=True)
         steps.append(time.perf_counter() - start)
         token = out.logits[:, -1:].argmax(-1)
     result["decode_seconds_per_token"] = median(steps[2:])

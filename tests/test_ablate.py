@@ -46,7 +46,16 @@ def test_report_keeps_hand_written_notes(tmp_path):
 def test_tiny_ablation_end_to_end(tmp_path):
     argv = ["--steps", "1", "2", "--seeds", "0", "--variants", "no mixing", "softmax attention", "paper"]
     argv += ["--data", str(ROOT / "tests" / "fixtures" / "books"), "--seq_len", "32", "--batch_size", "2"]
-    argv += ["--val_documents", "hamlet", "--eval_batches", "1", "--output_dir", str(tmp_path / "runs"), "--doc", str(tmp_path / "a.md")]
+    argv += [
+        "--val_documents",
+        "hamlet",
+        "--eval_batches",
+        "1",
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--doc",
+        str(tmp_path / "a.md"),
+    ]
     assert ablate.main(argv) == 0
     rows = json.loads((tmp_path / "a.json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {"no mixing", "softmax attention", "paper"}

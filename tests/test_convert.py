@@ -323,3 +323,25 @@ def test_smollm2_half_conversion_end_to_end(tmp_path):
     )
     assert out.shape[1] == prompt.input_ids.shape[1] + 20
     assert math.isfinite(before) and math.isfinite(after)
+
+
+@torch.no_grad()
+def test_sliding_window_padding_and_random_importance():
+    """Left padding longer than Mistral's sliding window, with the scalar path active (random V)."""
+    torch.manual_seed(0)
+    config = MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=3)
+    model = convert_to_vkt(AutoModelForCausalLM.from_config(config).eval(), layers=[1, 3], importance_init="random")
+    assert model.model.model.layers[1].self_attn.importance.abs().sum() > 0
+    long, short = ids(1, 10, seed=4), ids(1, 4, seed=5)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 6, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :6] = 0
+    together = model(batch, attention_mask=mask).logits
+    torch.testing.assert_close(together[0], model(long).logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[1, 6:], model(short).logits[0], atol=1e-5, rtol=0)
+    # chunked = whole with the scalar path active
+    whole = model(long, use_cache=False).logits
+    out = model(long[:, :4], use_cache=True)
+    cache = getattr(out, CACHE_FIELD)
+    rest = model(long[:, 4:], **{CACHE_FIELD: cache}, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([out.logits, rest], dim=1), whole, atol=1e-5, rtol=0)

@@ -32,3 +32,27 @@ def test_model_without_vkt_layers_is_refused():
     )
     with pytest.raises(ValueError, match="no VKT layers"):
         importance_map(model, get_tokenizer("byte"), "hello")
+
+
+def test_explain_cli_errors_are_clear(tmp_path, capsys):
+    from vkt_hf import cli
+
+    assert cli.main(["explain", str(tmp_path), "hello"]) == 2
+    assert "cannot load a model" in capsys.readouterr().err
+    assert cli.main(["explain", str(tmp_path), "--text-file", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_explain_cli_end_to_end(tmp_path):
+    from vkt_hf import cli
+
+    model = tiny_model("default", vocab_size=259)
+    model.save_pretrained(tmp_path / "m")
+    get_tokenizer("byte").save_pretrained(tmp_path / "m")
+    out = tmp_path / "page.html"
+    assert cli.main(["explain", str(tmp_path / "m"), "It is a truth", "--out", str(out)]) == 0
+    page = out.read_text()
+    assert (
+        page.count('<span title="a = ') == len("It is a truth") * (1 + 2 * (1 + 4))
+        and out.with_suffix(".png").exists()
+    )

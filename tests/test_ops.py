@@ -40,7 +40,7 @@ def test_guard_keeps_sign_and_bound():
     torch.testing.assert_close(vkt.guard(den, 1e-6), torch.tensor([1e-6, 1e-6, -1e-6, 3.0, -3.0]))
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+@pytest.mark.parametrize("chunk", [2, 4, 7, 64])
 def test_decayed_cumsum_matches_recurrence(chunk):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 50, 4, dtype=torch.float64)
@@ -50,7 +50,7 @@ def test_decayed_cumsum_matches_recurrence(chunk):
     for t in range(50):
         state = log_decay[..., t, None].exp() * state + x[..., t, :]
         expected.append(state)
-    got = vkt.decayed_cumsum(x, log_decay, initial, chunk_size=max(chunk, 2))
+    got = vkt.decayed_cumsum(x, log_decay, initial, chunk_size=chunk)
     torch.testing.assert_close(got, torch.stack(expected, dim=-2))
 
 
@@ -112,3 +112,8 @@ def test_global_and_local_context_match_definitions_bidirectional():
             torch.testing.assert_close(k[0, hh, i], num / den)
             near = [j for j in range(max(0, i - window), min(n, i + window + 1)) if j != i]
             torch.testing.assert_close(t[0, hh, i], stream[0, hh, near].mean(0))
+
+
+def test_decayed_cumsum_rejects_chunk_size_one():
+    with pytest.raises(ValueError, match="chunk_size"):
+        vkt.decayed_cumsum(torch.zeros(1, 1, 4, 1), torch.zeros(1, 1, 4), None, chunk_size=1)

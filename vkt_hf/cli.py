@@ -200,11 +200,16 @@ def run_explain(args: argparse.Namespace) -> int:
 
     if not Path(args.model).expanduser().exists() and args.model.count("/") != 1:
         raise CLIError(f"{args.model!r} is neither a local model folder nor a Hub id")
+    if args.text_file and not Path(args.text_file).is_file():
+        raise CLIError(f"--text-file {args.text_file}: no such file")
     text = Path(args.text_file).read_text() if args.text_file else args.text
     if not text:
         raise CLIError("give the text to explain (TEXT or --text-file)")
     _progress(f"loading {args.model}")
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot load a model from {args.model!r}: {err}") from err
     try:
         tokenizer = get_tokenizer(args.tokenizer or args.model)
     except (OSError, ValueError) as err:

@@ -27,20 +27,23 @@ def padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, d
     """The ``(B, N)`` 0/1 mask of real tokens among the ``N`` new positions.
 
     Accepts the 2-D ``(B, past + N)`` padding mask, or the 4-D ``(B, 1, N, past + N)`` mask a
-    transformers decoder layer gets (boolean "may attend", or additive 0 / -inf): the last
-    query row sees every real key, so its last ``N`` columns mark the real new tokens.
+    transformers decoder layer gets (boolean "may attend", or additive 0 / -inf): new token
+    ``i`` is real exactly when query ``i`` may attend to its own key (the diagonal of the new
+    block), which also holds for sliding-window masks.
     """
     if attention_mask is None:
         return torch.ones(batch, length, device=device)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
+        raise ValueError(
+            "VKT layers need a 2-D padding mask (batch, tokens) or a 4-D tensor mask (batch, 1, queries, keys), got "
+            f"{type(attention_mask).__name__} {tuple(getattr(attention_mask, 'shape', ()))}; load converted models "
+            "with attn_implementation='sdpa' or 'eager' (flex attention's BlockMask is not supported)"
+        )
     if attention_mask.dim() == 2:
         return attention_mask[:, -length:].to(device=device, dtype=torch.float32)
-    if attention_mask.dim() == 4:
-        last_row = attention_mask[:, 0, -1, -length:]
-        keep = last_row if last_row.dtype == torch.bool else last_row == 0
-        return keep.to(device=device, dtype=torch.float32)
-    raise ValueError(
-        f"attention_mask must be 2-D (batch, tokens) or 4-D (batch, 1, queries, keys), got shape {tuple(attention_mask.shape)}"
-    )
+    diagonal = attention_mask[:, 0, -length:, -length:].diagonal(dim1=-2, dim2=-1)  # (B, N)
+    keep = diagonal if diagonal.dtype == torch.bool else diagonal == 0
+    return keep.to(device=device, dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -28,8 +28,12 @@ BACKENDS: tuple[str, ...] = ("auto", "reference", "fused", "triton")
 FUSED_MIN_TOKENS = 64
 
 
-def resolve_backend(stream: torch.Tensor, backend: str | None = None) -> str:
-    """The backend that will run for ``stream`` ``(B, H, N, D)``: never ``"auto"``."""
+def resolve_backend(stream: torch.Tensor, backend: str | None = None, grad: bool | None = None) -> str:
+    """The backend that will run for ``stream`` ``(B, H, N, D)``: never ``"auto"``.
+
+    ``grad``: whether the call needs autograd (default: ``stream`` requires grad); with autograd
+    ``auto`` picks the reference, whose backward is the fastest.
+    """
     choice = backend if backend not in (None, "auto") else os.environ.get("VKT_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ValueError(f"VKT backend must be one of {BACKENDS}, got {choice!r}")
@@ -37,7 +41,9 @@ def resolve_backend(stream: torch.Tensor, backend: str | None = None) -> str:
         raise RuntimeError("the triton VKT backend needs CUDA tensors and the `triton` package")
     if choice != "auto":
         return choice
-    if stream.is_cuda or (torch.is_grad_enabled() and stream.requires_grad):
+    if grad is None:
+        grad = fused.needs_grad(stream)
+    if stream.is_cuda or grad:
         return "reference"
     return "fused" if stream.shape[-2] >= FUSED_MIN_TOKENS else "reference"
 
@@ -45,14 +51,16 @@ def resolve_backend(stream: torch.Tensor, backend: str | None = None) -> str:
 def global_context(*args, backend: str | None = None, **kwargs):
     """:func:`functional.global_context` on the backend picked by :func:`resolve_backend`."""
     stream = args[0] if args else kwargs["stream"]
-    impl = {"reference": functional, "fused": fused, "triton": triton_ops}[resolve_backend(stream, backend)]
+    grad = fused.needs_grad(*args, *kwargs.values())
+    impl = {"reference": functional, "fused": fused, "triton": triton_ops}[resolve_backend(stream, backend, grad)]
     return impl.global_context(*args, **kwargs)
 
 
 def local_context(*args, backend: str | None = None, **kwargs):
     """:func:`functional.local_context` on the backend picked by :func:`resolve_backend`."""
     stream = args[0] if args else kwargs["stream"]
-    impl = {"reference": functional, "fused": fused, "triton": triton_ops}[resolve_backend(stream, backend)]
+    grad = fused.needs_grad(*args, *kwargs.values())
+    impl = {"reference": functional, "fused": fused, "triton": triton_ops}[resolve_backend(stream, backend, grad)]
     return impl.local_context(*args, **kwargs)
 
 

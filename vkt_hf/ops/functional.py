@@ -86,6 +86,8 @@ def decayed_cumsum(
     Returns:
         ``(B, H, N, D)``.
     """
+    if chunk_size < 2:
+        raise ValueError(f"chunk_size must be >= 2, got {chunk_size}")
     if log_decay is None:
         y = x.cumsum(dim=-2)
         return y if initial is None else y + initial.unsqueeze(-2)

@@ -36,6 +36,14 @@ BLOCK = 512
 CHUNK = 32
 
 
+def needs_grad(*inputs) -> bool:
+    """Whether autograd must see the result: grad mode is on and any tensor (or tensor in a tuple) requires it."""
+    if not torch.is_grad_enabled():
+        return False
+    flat = [t for x in inputs for t in (x if isinstance(x, (tuple, list)) else (x,))]
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
+
+
 def _decay_matrices(
     log_decay: torch.Tensor, chunk: int, chunks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +151,7 @@ def global_context(
         carry = torch.cat([null_sum, null_sum.new_ones(batch, heads, 1)], dim=-1)  # (B, H, D+1)
     else:
         carry = torch.cat([state[0].to(acc), state[1].to(acc).unsqueeze(-1)], dim=-1)
-    grad = torch.is_grad_enabled() and (stream.requires_grad or weights.requires_grad or ld.requires_grad)
+    grad = needs_grad(stream, weights, ld, null, state)
     out = None if grad else torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
     pieces, mats = [], {}
     for begin in range(0, length, block):
@@ -210,7 +218,7 @@ def local_context(
         hist = torch.cat([state[0].to(acc) * hm, hm], dim=-1)  # (B, H, n, D+1)
     block = max(block, window)
     null_acc = null.to(acc)[None, :, None, :]  # (1, H, 1, D)
-    grad = torch.is_grad_enabled() and stream.requires_grad
+    grad = needs_grad(stream, null, state)
     out = None if grad else torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
     pieces = []
     for begin in range(0, length, block):

@@ -126,10 +126,6 @@ def _runnable(stream: torch.Tensor) -> bool:
     return HAS_TRITON and (stream.is_cuda or INTERPRET)
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _block_d(dim: int) -> int:
     return min(64, max(16, triton.next_power_of_2(dim)))
 
@@ -146,7 +142,7 @@ def global_context(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Triton :func:`vkt_hf.ops.functional.global_context` (forward; gradients via :mod:`.fused`)."""
     grad_inputs = (stream, weights, null, log_decay) + (tuple(state) if state is not None else ())
-    if not causal or not _runnable(stream) or _needs_grad(*grad_inputs):
+    if not causal or not _runnable(stream) or fused.needs_grad(*grad_inputs):
         return fused.global_context(stream, weights, mask, null, log_decay, causal, state, chunk_size)
     acc = ref.accumulation_dtype(stream.dtype)
     if acc != torch.float32:  # float64 inputs: the kernels accumulate in float32
@@ -182,7 +178,7 @@ def local_context(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Triton :func:`vkt_hf.ops.functional.local_context` (forward; gradients via :mod:`.fused`)."""
     grad_inputs = (stream, null) + ((state[0],) if state is not None else ())
-    if not causal or not _runnable(stream) or _needs_grad(*grad_inputs) or stream.dtype == torch.float64:
+    if not causal or not _runnable(stream) or fused.needs_grad(*grad_inputs) or stream.dtype == torch.float64:
         return fused.local_context(stream, mask, null, window, causal, state)
     acc = torch.float32
     batch, heads, length, dim = stream.shape

@@ -18,7 +18,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from ...cache import VKTCache
+from ...cache import VKTCache, vkt_state_layer
 from ...layers.vkt_attention import VKTAttention, init_vkt_parameters, padding_mask
 from .configuration_vkt import VKTConfig
 
@@ -98,7 +98,7 @@ class NoMixing(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, cache: Any = None, **kwargs) -> tuple[torch.Tensor, None]:
         if cache is not None:  # no state, but the cache still counts the tokens seen
-            cache.layers[self.layer_idx].update_state(None, hidden_states.shape[1])
+            vkt_state_layer(cache, self.layer_idx).update_state(None, hidden_states.shape[1])
         return self.o_proj(self.v_proj(hidden_states)), None
 
 

@@ -31,7 +31,6 @@ class VKTHybridPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules: list[str] = []
 
