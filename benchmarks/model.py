@@ -65,7 +65,6 @@ def load(variant: str, path: str):
 def cache_bytes(cache) -> dict:
     """Bytes of the KV cache (softmax layers) and of the VKT states, in total and per layer."""
     from vkt_hf.cache import VKTStateLayer
-    from vkt_hf.models.vkt.modeling_vkt import CACHE_FIELD
 
     kv, state, per_layer = 0, 0, []
     for layer in cache.layers:
@@ -86,6 +85,7 @@ def run_point(variant: str, length: int, args) -> dict:
     from transformers import DynamicCache
 
     from vkt_hf.cache import VKTStateLayer
+    from vkt_hf.models.vkt.modeling_vkt import CACHE_FIELD
 
     torch.manual_seed(0)
     model = load(variant, args.model)
