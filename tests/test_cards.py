@@ -99,3 +99,12 @@ def test_card_carries_the_ablation_table_and_plot(run_dir, tmp_path):
     assert (written.parent / f"{written.stem}_assets" / "ablation.png").exists()
     with pytest.raises(FileNotFoundError, match="ablate"):
         write_model_card(run_dir, ablation=tmp_path / "missing.json")
+
+
+def test_baseline_card_does_not_claim_vkt(run_dir):
+    run = json.loads((run_dir / "run.json").read_text())
+    run["model"]["mixer_types"] = ["softmax", "softmax"]
+    (run_dir / "run.json").write_text(json.dumps(run))
+    meta, body = front_matter(write_model_card(run_dir).read_text())
+    assert "linear-attention" not in meta["tags"] and "vkt-attention" not in meta["tags"]
+    assert "A baseline without VKT layers (softmax x2)" in body

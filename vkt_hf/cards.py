@@ -59,6 +59,22 @@ def _metrics(run: dict[str, Any]) -> list[tuple[str, str, float]]:
     return [(kind, name, round(float(value), 4)) for kind, name, value in rows]
 
 
+def uses_vkt(run: dict[str, Any]) -> bool:
+    """Whether the run's model has VKT layers (baselines trained by the same recipe have none)."""
+    mixers = run.get("model", {}).get("mixer_types")
+    return not mixers or "vkt" in mixers
+
+
+def _display_path(path: Any) -> Any:
+    """A local path shown relative to the working directory (no machine-specific prefixes)."""
+    if not isinstance(path, str) or not Path(path).is_absolute():
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return Path(path).name
+
+
 def card_metadata(run: dict[str, Any], license: str = "apache-2.0") -> ModelCardData:
     """The card's YAML metadata (``ModelCardData``) for a run."""
     name = run.get("name", "vkt-model")
@@ -84,7 +100,8 @@ def card_metadata(run: dict[str, Any], license: str = "apache-2.0") -> ModelCard
         pipeline_tag="text-generation",
         base_model=base if base and not Path(base).exists() else None,
         datasets=None if Path(dataset).exists() else [dataset],
-        tags=DEFAULT_TAGS + [run.get("mode", "pretrain")],
+        tags=[t for t in DEFAULT_TAGS if uses_vkt(run) or not t.startswith(("vkt-", "linear"))]
+        + [run.get("mode", "pretrain")],
         model_name=name,
         eval_results=results or None,
     )
@@ -123,9 +140,13 @@ def card_body(run: dict[str, Any], plots: list[str], ablation: dict[str, Any] | 
     lines = [
         f"# {run.get('name', 'vkt-model')}",
         "",
-        "A causal language model using VKT-Attention (scalar, O(n) attention) through the "
-        "vkt-hf integration for transformers. Load it with "
-        "`import vkt_hf` then `AutoModelForCausalLM.from_pretrained(path)`.",
+        (
+            "A causal language model using VKT-Attention (scalar, O(n) attention) through the "
+            "vkt-hf integration for transformers."
+            if uses_vkt(run)
+            else f"A baseline without VKT layers ({kinds}), trained by vkt-hf's recipes for comparison."
+        )
+        + " Load it with `import vkt_hf` then `AutoModelForCausalLM.from_pretrained(path)`.",
         "",
         "## Training",
         "",
@@ -137,7 +158,7 @@ def card_body(run: dict[str, Any], plots: list[str], ablation: dict[str, Any] | 
                 ("parameters", f"{model.get('parameters', 0):,}"),
                 ("trainable parameters", f"{model.get('trainable_parameters', 0):,}"),
                 ("base model", model.get("base_model") or "none (trained from scratch)"),
-                ("data", data.get("source")),
+                ("data", _display_path(data.get("source"))),
                 ("tokenizer", data.get("tokenizer")),
                 ("sequence length", data.get("seq_len")),
                 ("validation documents", ", ".join(data.get("val_documents", [])[:8])),
