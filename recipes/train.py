@@ -7,7 +7,7 @@ e.g. ``--model_config '{hidden_size: 128}'``). Runs with plain ``python`` or wit
 ``accelerate launch`` (DDP / FSDP / DeepSpeed configs in ``recipes/accelerate/``)::
 
     python recipes/train.py --config recipes/configs/pretrain_tiny.yaml
-    accelerate launch --cpu --num_processes 2 recipes/train.py --config recipes/configs/pretrain_tiny.yaml
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 recipes/train.py --config recipes/configs/pretrain_tiny.yaml
 
 Modes:
 
