@@ -198,8 +198,7 @@ def init_new_parameters(
         module.readout_gate.weight.zero_()
         module.readout_gate.bias.copy_(torch.tensor(readout_init, dtype=torch.float32).repeat_interleave(heads))
     if hasattr(module, "decay_logit"):
-        gamma = vkt.gamma_init(module.num_heads)
-        module.decay_logit.copy_(torch.log(gamma) - torch.log1p(-gamma))
+        module.decay_logit.copy_(vkt.decay_logit_init(module.num_heads))
 
 
 def _reference_tensor(attention: nn.Module) -> torch.Tensor:

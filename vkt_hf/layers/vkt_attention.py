@@ -61,8 +61,7 @@ def init_vkt_parameters(layer: VKTAttention) -> None:
     if hasattr(layer, "null_value"):
         init.zeros_(layer.null_value)
     if hasattr(layer, "decay_logit"):
-        gamma = vkt.gamma_init(layer.num_heads)
-        init.copy_(layer.decay_logit, torch.log(gamma) - torch.log1p(-gamma))
+        init.copy_(layer.decay_logit, vkt.decay_logit_init(layer.num_heads))
 
 
 class VKTAttention(nn.Module):
@@ -102,8 +101,7 @@ class VKTAttention(nn.Module):
             self.null_value = nn.Parameter(torch.zeros(heads, dim))
             self.readout_gate = nn.Linear(hidden, 2 * heads, bias=True)  # per token & head: g_K, g_T
         if config.distance_decay:
-            gamma = vkt.gamma_init(heads)
-            self.decay_logit = nn.Parameter(torch.log(gamma) - torch.log1p(-gamma))  # gamma = sigmoid(.)
+            self.decay_logit = nn.Parameter(vkt.decay_logit_init(heads))  # gamma_h = sigmoid(decay_logit)
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """``(B, N, heads * d)`` -> ``(B, H, N, d)``, repeating key/value heads for GQA."""

@@ -318,6 +318,12 @@ def local_context(
     return context, (last_vectors, last_mask)
 
 
+def decay_logit_init(num_heads: int) -> torch.Tensor:
+    """``logit(gamma_h)`` of :func:`gamma_init`: the stored parameter (``gamma = sigmoid(logit)``)."""
+    gamma = gamma_init(num_heads)
+    return torch.log(gamma) - torch.log1p(-gamma)
+
+
 def gamma_init(num_heads: int, min_half_life: float = 1.0, max_half_life: float = 1024.0) -> torch.Tensor:
     """Per-head decays ``gamma_h`` with half-lives log-spaced from ``min`` to ``max`` tokens."""
     half_lives = torch.logspace(math.log10(min_half_life), math.log10(max_half_life), num_heads)

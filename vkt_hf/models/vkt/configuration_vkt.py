@@ -235,7 +235,3 @@ class VKTConfig(PretrainedConfig):
             raise ValueError(f"`mixer_types` entries must be in {MIXER_TYPES}, got {bad}")
         if not self.causal and any(t == "softmax" for t in self.mixer_types):
             raise ValueError("`mixer_types` may only contain 'softmax' layers when `causal=True`")
-
-    def vkt_options(self) -> dict[str, Any]:
-        """The VKT settings of this config (what a preset fixes), e.g. for tables and cards."""
-        return {name: getattr(self, name) for name in (*VKT_PRESETS["paper"], "local_window", "eps")}

@@ -84,12 +84,6 @@ class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
         hybrid.generation_config = model.generation_config
         return hybrid
 
-    def vkt_modules(self) -> dict[int, VKTAttention]:
-        """The VKT layers, by decoder-layer index."""
-        family = family_for(self.model.config)
-        blocks = family.layers(self.model)
-        return {i: getattr(blocks[i], family.attention_name) for i in self.config.vkt_layers}
-
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
