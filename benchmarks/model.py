@@ -64,19 +64,11 @@ def load(variant: str, path: str):
 
 def cache_bytes(cache) -> dict:
     """Bytes of the KV cache (softmax layers) and of the VKT states, in total and per layer."""
-    from vkt_hf.cache import VKTStateLayer
+    from vkt_hf.cache import VKTStateLayer, layer_nbytes
 
-    kv, state, per_layer = 0, 0, []
-    for layer in cache.layers:
-        if isinstance(layer, VKTStateLayer):
-            n = layer.nbytes()
-            state += n
-            per_layer.append(("vkt", n))
-        else:
-            n = sum(t.nelement() * t.element_size() for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                    if isinstance(t, torch.Tensor))  # fmt: skip
-            kv += n
-            per_layer.append(("kv", n))
+    per_layer = [("vkt" if isinstance(layer, VKTStateLayer) else "kv", layer_nbytes(layer)) for layer in cache.layers]
+    kv = sum(n for kind, n in per_layer if kind == "kv")
+    state = sum(n for kind, n in per_layer if kind == "vkt")
     return {"kv_cache_bytes": kv, "vkt_state_bytes": state, "per_layer": per_layer}
 
 

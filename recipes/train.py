@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _config import load_dataclass  # noqa: E402
 
 from vkt_hf.evaluation import sequence_nll
-from vkt_hf.layers import VKTAttention
+from vkt_hf.layers import VKTAttention, vkt_layers
 
 MODES = ("pretrain", "distill", "finetune")
 PRETRAINED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -164,11 +164,6 @@ def build_pretrain_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
     if cfg.mixer:
         kwargs["mixer_types"] = [cfg.mixer] * kwargs.get("num_hidden_layers", vkt_hf.VKTConfig().num_hidden_layers)
     return vkt_hf.VKTForCausalLM(vkt_hf.VKTConfig(**kwargs))
-
-
-def vkt_layers(model: nn.Module) -> list[VKTAttention]:
-    """The VKT attention modules of a model, in layer order."""
-    return sorted((m for m in model.modules() if isinstance(m, VKTAttention)), key=lambda m: m.layer_idx)
 
 
 def new_vkt_parameters(layer: VKTAttention, exclude: list[str] | tuple[str, ...] = ()) -> list[nn.Parameter]:

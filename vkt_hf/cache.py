@@ -139,6 +139,14 @@ class VKTCache(DynamicCache):
         return sum(layer.nbytes() for layer in self.layers if isinstance(layer, VKTStateLayer))
 
 
+def layer_nbytes(layer: CacheLayerMixin) -> int:
+    """Bytes one cache layer holds: a VKT state, or the keys and values of a softmax layer."""
+    if isinstance(layer, VKTStateLayer):
+        return layer.nbytes()
+    tensors = (getattr(layer, "keys", None), getattr(layer, "values", None))
+    return sum(t.nelement() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def vkt_state_layer(cache: DynamicCache, layer_idx: int) -> VKTStateLayer:
     """The ``VKTStateLayer`` at ``layer_idx`` of any layered cache, created there if missing."""
     if not hasattr(cache, "layers"):

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .cache import layer_nbytes
 from .data import IGNORE_INDEX, encode
 from .models.vkt.modeling_vkt import CACHE_FIELD
 
@@ -50,16 +51,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def cache_nbytes(cache: Any) -> int:
     """Bytes held by a cache: VKT states (``nbytes()``) plus keys/values of softmax layers."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        if hasattr(layer, "nbytes"):
-            total += layer.nbytes()
-        else:
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.nelement() * t.element_size()
-    return total
+    return sum(layer_nbytes(layer) for layer in getattr(cache, "layers", []))
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layers import VKTAttention
+from .layers import vkt_layers
 
 
 @dataclass
@@ -38,8 +38,8 @@ class ImportanceMap:
 @torch.no_grad()
 def importance_map(model: nn.Module, tokenizer, text: str, max_tokens: int = 512) -> ImportanceMap:
     """Run ``text`` through ``model`` and collect every VKT layer's scalar attentions."""
-    vkt_layers = [(i, m) for i, m in enumerate(m for m in model.modules() if isinstance(m, VKTAttention))]
-    if not vkt_layers:
+    layers = list(enumerate(vkt_layers(model)))
+    if not layers:
         raise ValueError("the model has no VKT layers: convert it first (`vkt-hf convert`) or load a VKT model")
     from .data import encode
 
@@ -49,7 +49,7 @@ def importance_map(model: nn.Module, tokenizer, text: str, max_tokens: int = 512
     captured: dict[int, torch.Tensor] = {}
     hooks = [
         module.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, out[1].detach()))
-        for i, module in vkt_layers
+        for i, module in layers
     ]
     try:
         model.eval()
@@ -58,9 +58,9 @@ def importance_map(model: nn.Module, tokenizer, text: str, max_tokens: int = 512
     finally:
         for hook in hooks:
             hook.remove()
-    scalars = torch.stack([captured[i][0].float().cpu() for i, _ in vkt_layers])  # (L, H, N)
+    scalars = torch.stack([captured[i][0].float().cpu() for i, _ in layers])  # (L, H, N)
     tokens = [tokenizer.decode([t]) for t in ids]
-    return ImportanceMap(tokens=tokens, layers=[m.layer_idx for _, m in vkt_layers], scalars=scalars)
+    return ImportanceMap(tokens=tokens, layers=[m.layer_idx for _, m in layers], scalars=scalars)
 
 
 def _color(value: float, scale: float) -> str:

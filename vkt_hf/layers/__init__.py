@@ -1,3 +1,3 @@
-from .vkt_attention import VKTAttention
+from .vkt_attention import VKTAttention, vkt_layers
 
-__all__ = ["VKTAttention"]
+__all__ = ["VKTAttention", "vkt_layers"]

@@ -46,6 +46,11 @@ def padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, d
     return keep.to(device=device, dtype=torch.float32)
 
 
+def vkt_layers(model: nn.Module) -> list[VKTAttention]:
+    """The VKT attention modules of any model (native or converted), in layer order."""
+    return sorted((m for m in model.modules() if isinstance(m, VKTAttention)), key=lambda m: m.layer_idx)
+
+
 @torch.no_grad()
 def init_vkt_parameters(layer: VKTAttention) -> None:
     """Initialise the parameters VKT adds to attention (used by models and by conversion).
