@@ -9,6 +9,13 @@ context stream, ``n`` the local window)::
     window        (B, H, n, D)  the last n context vectors, for the local mean
     window_mask   (B, n)        which of those are real tokens
 
+and, with the exact local attention window (``local_attention=True``, ``Hk`` key/value heads,
+``w`` the attention window, ``s`` sink tokens)::
+
+    keys, values  (B, Hk, w, d) the last w keys (RoPE applied) and values
+    key_mask      (B, w)        which of those are keys of the window
+    sink_keys, sink_values (B, Hk, s, d), sink_filled (B, s)   the first s real tokens
+
 Its size never depends on how many tokens were seen. Softmax layers of a hybrid keep the
 library's ``DynamicLayer`` (a growing KV cache), so converted Llama/GPT-2 hybrids and
 ``VKTForCausalLM`` share one cache class. Beam search (``reorder_cache``), batch
@@ -31,13 +38,23 @@ class VKTState:
     weight_total: torch.Tensor
     window: torch.Tensor
     window_mask: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+    sink_keys: torch.Tensor | None = None
+    sink_values: torch.Tensor | None = None
+    sink_filled: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors held (fields that are not ``None``)."""
+        return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
 
     def map(self, fn) -> VKTState:
         """Apply ``fn`` to every tensor (all have the batch as their first dimension)."""
-        return VKTState(*(fn(getattr(self, f.name)) for f in fields(self)))
+        return VKTState(*(None if t is None else fn(t) for t in (getattr(self, f.name) for f in fields(self))))
 
     def nbytes(self) -> int:
-        return sum(getattr(self, f.name).nelement() * getattr(self, f.name).element_size() for f in fields(self))
+        return sum(t.nelement() * t.element_size() for t in self.tensors())
 
 
 class VKTStateLayer(CacheLayerMixin):

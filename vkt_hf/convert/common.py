@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,11 +34,17 @@ class ConversionError(ValueError):
 
 
 # On conversion the pretrained key and value projections are reused: the contexts are averaged over
-# the keys (R = W_K x) and the attention gates the values (U = W_V x). The spec calls these the
-# natural readings for a checkpoint that has them; pass `context_source="query"` etc. to override.
-CONVERSION_DEFAULTS: dict[str, Any] = {"context_source": "key", "gated_value": "value"}
+# the keys (R = W_K x) and the attention gates the values (U = W_V x), the natural readings for a
+# checkpoint that has them. Each converted layer also keeps exact softmax attention over a local
+# window plus the first token (the sink), reusing the pretrained q/k/v inside the window: without it
+# nothing in the layer is content-addressed and the model is lost (docs/conversion.md, "Quality").
+# Pass `context_source="query"`, `local_attention=False` etc. to override.
+CONVERSION_DEFAULTS: dict[str, Any] = {"context_source": "key", "gated_value": "value", "local_attention": True}
 # options a converted layer accepts besides the preset fields
 EXTRA_OPTIONS: dict[str, Any] = {
+    "local_attention_window": 64,
+    "sink_tokens": 1,
+    "local_attention_rope": True,
     "local_window": 16,
     "eps": 1e-3,
     "accumulation_dtype": "float32",
@@ -47,7 +53,7 @@ EXTRA_OPTIONS: dict[str, Any] = {
 }
 # how new parameters start (see docs/conversion.md, "Initialisation"); not stored in the saved config,
 # the saved weights carry the result
-INIT_DEFAULTS: dict[str, Any] = {"importance_init": "zeros", "readout_init": (0.5, 0.5)}
+INIT_DEFAULTS: dict[str, Any] = {"importance_init": "zeros", "readout_init": None}
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class Family:
             ``head_dim``, ``attention_bias``.
         map_weights: ``(pretrained attention, new VKTAttention) -> None``: install the pretrained
             projections in the VKT module (sharing tensors where the layout matches).
+        options: VKT options this family needs by default (GPT-2 has no RoPE).
     """
 
     name: str
@@ -71,6 +78,7 @@ class Family:
     attention_name: str
     dims: Callable[[Any], dict[str, Any]]
     map_weights: Callable[[nn.Module, VKTAttention], None]
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -138,8 +146,8 @@ def resolve_layers(layers: str | int | Iterable[int], num_layers: int) -> list[i
     return sorted(out)
 
 
-def resolve_vkt_options(preset: str = "default", **options: Any) -> dict[str, Any]:
-    """The complete VKT options of converted layers: ``preset``, then conversion defaults, then ``options``.
+def resolve_vkt_options(preset: str = "default", family: Family | None = None, **options: Any) -> dict[str, Any]:
+    """The complete VKT options of converted layers: ``preset``, conversion defaults, the family's, then ``options``.
 
     Returns a dict with ``preset``, every preset field, ``local_window``, ``eps`` and
     ``mixer_chunk_size`` (what the saved hybrid config records).
@@ -150,7 +158,15 @@ def resolve_vkt_options(preset: str = "default", **options: Any) -> dict[str, An
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ConversionError(f"unknown VKT option(s) {unknown}; known: {sorted(allowed)}")
-    return {"preset": preset, **VKT_PRESETS[preset], **CONVERSION_DEFAULTS, **EXTRA_OPTIONS, **options}
+    family_options = {} if family is None else family.options
+    return {
+        "preset": preset,
+        **VKT_PRESETS[preset],
+        **CONVERSION_DEFAULTS,
+        **EXTRA_OPTIONS,
+        **family_options,
+        **options,
+    }
 
 
 def vkt_layer_config(dims: dict[str, Any], options: dict[str, Any]) -> VKTConfig:
@@ -166,7 +182,7 @@ def vkt_layer_config(dims: dict[str, Any], options: dict[str, Any]) -> VKTConfig
 
 @torch.no_grad()
 def init_new_parameters(
-    module: VKTAttention, importance_init: str = "zeros", readout_init: tuple[float, float] = (0.5, 0.5)
+    module: VKTAttention, importance_init: str = "zeros", readout_init: tuple[float, float] | None = None
 ) -> None:
     """Initialise the parameters a pretrained checkpoint does not have.
 
@@ -175,10 +191,14 @@ def init_new_parameters(
       ``"random"``: ``N(0, 1/d)`` like a fresh model.
     - null context / null value ``(H, d)``: zeros (the "empty context" before the first token).
     - decay logits ``(H,)``: half-lives log-spaced from 1 to 1024 tokens, as in a fresh model.
-    - read-out gates (``Linear(hidden, 2H)``): weight 0, bias ``readout_init = (g_K, g_T)``: the layer
-      starts as a fixed mixture of the decayed global mean and the local mean of the pretrained
-      values, a convex combination of values like the softmax attention it replaces.
+    - read-out gates (``Linear(hidden, 2H)``): weight 0, bias ``readout_init = (g_K, g_T)``. Default:
+      ``(0, 0)`` with the local attention window, so the converted layer starts as exactly the
+      pretrained attention inside the window (plus the sink) and the VKT terms grow from zero as
+      they train; ``(0.5, 0.5)`` without it, a fixed mixture of the decayed global mean and the
+      local mean of the pretrained values, a convex combination like the attention it replaces.
     """
+    if readout_init is None:
+        readout_init = (0.0, 0.0) if module.config.local_attention else (0.5, 0.5)
     if hasattr(module, "importance"):
         if importance_init == "zeros":
             module.importance.zero_()
@@ -187,9 +207,10 @@ def init_new_parameters(
         else:
             raise ConversionError(f"importance_init must be 'zeros' or 'random', got {importance_init!r}")
     if hasattr(module, "importance_proj"):
-        module.importance_proj.weight.normal_(0.0, 1.0 / math.sqrt(module.config.hidden_size))
         if importance_init == "zeros":
             module.importance_proj.weight.zero_()
+        else:
+            module.importance_proj.weight.normal_(0.0, 1.0 / math.sqrt(module.config.hidden_size))
     module.null_context.zero_()
     if hasattr(module, "null_value"):
         module.null_value.zero_()
@@ -255,9 +276,9 @@ def convert_layers(
     family = family_for(model.config)
     blocks = family.layers(model)
     indices = resolve_layers(layers, len(blocks))
-    options = resolve_vkt_options(preset, **vkt_options)
+    options = resolve_vkt_options(preset, family, **vkt_options)
     layer_config = vkt_layer_config(family.dims(model.config), options)
-    init = {"importance_init": importance_init, "readout_init": tuple(readout_init)}
+    init = {"importance_init": importance_init, "readout_init": None if readout_init is None else tuple(readout_init)}
     iterator: Iterable[int] = indices
     if progress:
         from tqdm.auto import tqdm

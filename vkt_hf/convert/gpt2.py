@@ -10,7 +10,8 @@ GPT-2's ``Conv1D`` computes ``y = x @ W + b`` with ``W`` of shape ``(hidden, 3 *
 
 ``GPT2Block`` calls ``self.attn(hidden_states, cache=..., attention_mask=4-D mask or None, ...)``
 and unpacks ``(output, weights)``, which is exactly :class:`VKTAttention`'s signature, so the
-VKT module sits in the ``attn`` slot directly. GPT-2's attention/residual dropout is not kept
+VKT module sits in the ``attn`` slot directly. GPT-2 has no RoPE (its positions are added to the input embeddings), so the local attention
+window runs without rotation. GPT-2's attention/residual dropout is not kept
 (conversion targets inference and fine-tuning from the converted weights).
 """
 
@@ -70,5 +71,6 @@ GPT2 = register_family(
         attention_name="attn",
         dims=gpt2_dims,
         map_weights=map_gpt2_weights,
+        options={"local_attention_rope": False},  # GPT-2 adds learned positions to the input instead
     )
 )

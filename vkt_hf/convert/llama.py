@@ -5,8 +5,10 @@ uses the pretrained projection *modules themselves* (same tensors, no copy): ``Q
 the context vectors ``R = k_proj(x)``, the gated vectors ``U = v_proj(x)``, output ``o_proj``.
 Key/value heads are shared across query heads exactly as in GQA (``repeat_interleave``).
 
-Rotary position embeddings are not applied: VKT has no query-key dot products, so there is
-nothing for RoPE to rotate; the VKT layer simply ignores ``position_embeddings``.
+The local attention window (on by default for conversions) applies the model's own rotary
+tables (``position_embeddings``) to its queries and keys, so inside the window the converted
+layer computes exactly what the pretrained attention did. The VKT terms themselves have no
+query-key products and use no rotation.
 
 Qwen3 normalises each query and key head (``q_norm`` / ``k_norm``, RMSNorm over ``head_dim``)
 before RoPE. Those norms set the scale of the pretrained keys, which feed the VKT contexts

@@ -1,7 +1,8 @@
 """``VKTAttention``: the VKT token mixer as an ``nn.Module`` (projections, masks, cache in/out).
 
-The math is in :mod:`vkt_hf.ops.functional`; this module only projects, reshapes and
-carries state. Projections are named like Llama's (``q_proj``, ``k_proj``, ``v_proj``,
+The math is in :mod:`vkt_hf.ops.functional`; :func:`mix` is the whole mixing step after the
+projections (one free function, called by the layer and the benchmarks); the module only
+projects, reshapes and carries state. Projections are named like Llama's (``q_proj``, ``k_proj``, ``v_proj``,
 ``o_proj``) so a converted checkpoint reuses its pretrained weights.
 
 The module's call signature accepts what both ``VKTModel`` and the attention slot of a
@@ -12,6 +13,7 @@ transformers decoder layer pass (``cache`` or ``past_key_values``, 2-D or 4-D ma
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -63,10 +65,145 @@ def init_vkt_parameters(layer: VKTAttention) -> None:
     if hasattr(layer, "importance"):
         init.normal_(layer.importance, 0.0, 1.0 / math.sqrt(layer.head_dim))
     init.zeros_(layer.null_context)
+    if hasattr(layer, "readout_gate") and layer.config.local_attention:
+        # the exact window carries the layer at first; the VKT read-out starts switched off
+        init.zeros_(layer.readout_gate.weight)
+        init.zeros_(layer.readout_gate.bias)
     if hasattr(layer, "null_value"):
         init.zeros_(layer.null_value)
     if hasattr(layer, "decay_logit"):
         init.copy_(layer.decay_logit, vkt.decay_logit_init(layer.num_heads))
+
+
+@dataclass
+class Projections:
+    """What the projections give :func:`mix`, per token (``Hk`` key/value heads, accumulation dtype).
+
+    ``query`` ``Q`` (B, H, N, d); ``scores`` ``s`` (B, H, N); ``context`` ``R`` (B, H, N, d);
+    ``gated`` ``U`` (B, H, N, d); ``values`` (B, H, N, d) for the read-out, ``gates`` (2, B, H, N)
+    its gates; with the local attention window, ``window_query`` (B, H, N, d) and
+    ``window_keys`` / ``window_values`` (B, Hk, N, d), RoPE applied where the model has it.
+    """
+
+    query: torch.Tensor
+    scores: torch.Tensor
+    context: torch.Tensor
+    gated: torch.Tensor
+    values: torch.Tensor | None = None
+    gates: torch.Tensor | None = None
+    window_query: torch.Tensor | None = None
+    window_keys: torch.Tensor | None = None
+    window_values: torch.Tensor | None = None
+
+    def chunk(self, start: int, end: int) -> Projections:
+        """Tokens ``start:end`` of every tensor (the token axis is the last but one, or last for scores)."""
+
+        def cut(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t[..., start:end] if name in ("scores", "gates") else t[..., start:end, :]
+
+        return Projections(**{f.name: cut(getattr(self, f.name), f.name) for f in fields(self)})
+
+
+def mix(
+    proj: Projections,
+    mask: torch.Tensor,
+    state: VKTState | None,
+    layer: VKTAttention,
+) -> tuple[torch.Tensor, torch.Tensor, VKTState | None]:
+    """The VKT mixing step after the projections, for one chunk of tokens.
+
+    Per head and token (``docs/method.md``)::
+
+        a_i = norm(s_i / guard(K_i . T_i))                       scalar attention
+        y_i = a_i U_i + gK_i Kv_i + gT_i Tv_i + Attn_i            (read-out terms if `readout`,
+                                                                  Attn_i if `local_attention`)
+
+    ``Attn_i`` is exact softmax attention over the last ``local_attention_window`` tokens and
+    the first ``sink_tokens`` tokens (the sink).
+
+    Args:
+        proj: the chunk's :class:`Projections`.
+        mask: ``(B, N)`` float, 1 for real tokens.
+        state: the state after the previous chunk, or ``None`` at the start.
+        layer: the module (its options and the parameters ``null_context``, ``null_value``,
+            ``decay_logit``).
+
+    Returns:
+        ``(mixed heads (B, H, N, d), a (B, H, N), new state)`` (the state is ``None`` for
+        bidirectional layers).
+    """
+    config = layer.config
+    d = proj.query.shape[-1]
+    stream, null = proj.context, layer.null_context
+    if config.readout:  # the value vectors ride along in the same sums
+        stream = torch.cat([proj.context, proj.values], dim=-1)  # (B, H, N, 2d)
+        null = torch.cat([layer.null_context, layer.null_value], dim=-1)  # (H, 2d)
+    weights = vkt.context_weights(proj.scores, config.context_weights)  # w: (B, H, N)
+    g_state = None if state is None else (state.weighted_sum, state.weight_total)
+    l_state = None if state is None else (state.window, state.window_mask)
+    backend = config.vkt_backend
+    global_ctx, g_state = ops.global_context(
+        stream, weights, mask, null, layer.log_decay(), causal=layer.causal, state=g_state, backend=backend
+    )  # (B, H, N, D)
+    local_ctx, l_state = ops.local_context(
+        stream, mask, null, layer.local_window, causal=layer.causal, state=l_state, backend=backend
+    )  # (B, H, N, D)
+    a = vkt.scalar_attention(proj.scores, global_ctx[..., :d], local_ctx[..., :d], config.eps, config.normalization)
+    mixed = a.unsqueeze(-1) * proj.gated  # a_i * U_i: (B, H, N, d)
+    if config.readout:
+        gates = proj.gates.unsqueeze(-1)  # (2, B, H, N, 1)
+        mixed = mixed + gates[0] * global_ctx[..., d:] + gates[1] * local_ctx[..., d:]
+    if not layer.causal:
+        return mixed, a, None
+    new_state = VKTState(g_state[0], g_state[1], l_state[0], l_state[1])
+    if config.local_attention:
+        attended, new_state = _window_attention(proj, mask.bool(), state, new_state, layer)
+        mixed = mixed + attended
+    return mixed, a, new_state
+
+
+def _window_attention(
+    proj: Projections, mask: torch.Tensor, state: VKTState | None, new_state: VKTState, layer: VKTAttention
+) -> tuple[torch.Tensor, VKTState]:
+    """The exact local softmax window with its sink; ``mask`` ``(B, N)`` bool. Fills ``new_state``'s window fields."""
+    keys, values = proj.window_keys, proj.window_values
+    batch, kv_heads, _, dim = keys.shape
+    sinks = layer.config.sink_tokens
+    sink = None
+    if sinks:
+        sink = (
+            (state.sink_keys, state.sink_values, state.sink_filled)
+            if state is not None and state.sink_keys is not None
+            else (
+                keys.new_zeros(batch, kv_heads, sinks, dim),
+                values.new_zeros(batch, kv_heads, sinks, dim),
+                mask.new_zeros(batch, sinks),
+            )
+        )
+        rank = vkt.rank_of_real_tokens(mask, sink[2].sum(-1))  # real tokens before each position
+        sink = vkt.fill_sink(keys, values, mask, rank, sink)
+        key_mask = mask & (rank >= sinks)  # sink tokens are keys of the sink, not of the window
+        visible = rank[:, :, None] >= torch.arange(sinks, device=mask.device)  # (B, N, s): causal in the sink
+    else:
+        key_mask, visible = mask, None
+    history = None if state is None or state.keys is None else (state.keys, state.values, state.key_mask)
+    out, history = vkt.sliding_window_attention(
+        proj.window_query, keys, values, key_mask, layer.config.local_attention_window, history, sink, visible
+    )
+    new_state.keys, new_state.values, new_state.key_mask = history
+    if sink is not None:
+        new_state.sink_keys, new_state.sink_values, new_state.sink_filled = sink
+    return out, new_state
+
+
+def rope_positions(attention_mask: torch.Tensor | None, batch: int, length: int, past: int, device) -> torch.Tensor:
+    """RoPE positions ``(B, N)`` of the new tokens: real tokens before them (left padding does not count)."""
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] == past + length:
+        full = attention_mask.to(device=device, dtype=torch.int64)
+        return (full.cumsum(-1) - 1).clamp(min=0)[:, -length:]
+    return torch.arange(past, past + length, device=device).expand(batch, length)
 
 
 class VKTAttention(nn.Module):
@@ -92,35 +229,89 @@ class VKTAttention(nn.Module):
 
         self.q_proj = nn.Linear(hidden, heads * dim, bias=bias)
         self.o_proj = nn.Linear(heads * dim, hidden, bias=bias)
-        if config.context_source == "key":
+        if config.context_source == "key" or config.local_attention:
             self.k_proj = nn.Linear(hidden, kv_heads * dim, bias=bias)
-        if config.gated_value == "value" or config.readout:
+        if config.gated_value == "value" or config.readout or config.local_attention:
             self.v_proj = nn.Linear(hidden, kv_heads * dim, bias=bias)
         if config.importance == "parameter":
-            self.importance = nn.Parameter(torch.randn(heads, dim) / math.sqrt(dim))  # V_h
+            self.importance = nn.Parameter(torch.empty(heads, dim))  # V_h
         else:
             self.importance_proj = nn.Linear(hidden, heads * dim, bias=False)  # V_i = W_V x_i
         # the null context token in front of every sequence: (context part, value part)
-        self.null_context = nn.Parameter(torch.zeros(heads, dim))
+        self.null_context = nn.Parameter(torch.empty(heads, dim))
         if config.readout:
-            self.null_value = nn.Parameter(torch.zeros(heads, dim))
+            self.null_value = nn.Parameter(torch.empty(heads, dim))
             self.readout_gate = nn.Linear(hidden, 2 * heads, bias=True)  # per token & head: g_K, g_T
         if config.distance_decay:
-            self.decay_logit = nn.Parameter(vkt.decay_logit_init(heads))  # gamma_h = sigmoid(decay_logit)
+            self.decay_logit = nn.Parameter(torch.empty(heads))  # gamma_h = sigmoid(decay_logit)
+        init_vkt_parameters(self)
 
-    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        """``(B, N, heads * d)`` -> ``(B, H, N, d)``, repeating key/value heads for GQA."""
+    def _heads(self, x: torch.Tensor, heads: int, repeat: bool = True) -> torch.Tensor:
+        """``(B, N, heads * d)`` -> ``(B, heads, N, d)``; ``repeat`` key/value heads up to ``H`` (GQA)."""
         batch, length, _ = x.shape
         x = x.view(batch, length, heads, self.head_dim).transpose(1, 2)
-        if heads != self.num_heads:
+        if repeat and heads != self.num_heads:
             x = x.repeat_interleave(self.num_heads // heads, dim=1)
         return x
 
     def log_decay(self) -> torch.Tensor | None:
-        """``log(gamma_h)`` per head ``(H,)``, or ``None`` without distance decay."""
+        """``log(gamma_h)`` per head ``(H,)`` in the accumulation dtype, or ``None`` without distance decay."""
         if not self.config.distance_decay:
             return None
-        return nn.functional.logsigmoid(self.decay_logit.float())
+        acc = torch.float64 if self.config.accumulation_dtype == "float64" else torch.float32
+        return nn.functional.logsigmoid(self.decay_logit.to(acc))
+
+    def project(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Projections:
+        """All per-token projections of ``x`` ``(B, N, hidden)``, computed once for the whole input.
+
+        ``rotary``: the RoPE ``(cos, sin)`` tables ``(B, N, d)`` of the window's queries and keys.
+        """
+        config = self.config
+        batch, length, _ = x.shape
+        acc = torch.float64 if config.accumulation_dtype == "float64" else torch.float32
+        q = self.q_proj(x)
+        query = self._heads(q, self.num_heads).to(acc)  # Q: (B, H, N, d)
+        if config.importance == "parameter":
+            scores = vkt.importance_scores(query, self.importance)  # s: (B, H, N)
+        else:
+            scores = vkt.importance_scores(query, self._heads(self.importance_proj(x), self.num_heads))
+        k = self.k_proj(x) if hasattr(self, "k_proj") else None
+        v = self.v_proj(x) if hasattr(self, "v_proj") else None
+        context = self._heads(k, self.num_kv_heads).to(acc) if config.context_source == "key" else query  # R
+        values = self._heads(v, self.num_kv_heads).to(acc) if v is not None else None
+        proj = Projections(
+            query=query,
+            scores=scores,
+            context=context,
+            gated=values if config.gated_value == "value" else query,  # U
+            values=values,
+        )
+        if config.readout:
+            proj.gates = self.readout_gate(x).to(acc).view(batch, length, 2, self.num_heads).permute(2, 0, 3, 1)
+        if config.local_attention:
+            window_query = query
+            window_keys = self._heads(k, self.num_kv_heads, repeat=False).to(acc)
+            if rotary is not None:
+                window_query = vkt.apply_rotary(window_query, *rotary)
+                window_keys = vkt.apply_rotary(window_keys, *rotary)
+            proj.window_query, proj.window_keys = window_query, window_keys
+            proj.window_values = self._heads(v, self.num_kv_heads, repeat=False).to(acc)
+        return proj
+
+    def _rotary(
+        self, attention_mask: Any, position_embeddings: Any, batch: int, length: int, past: int, device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The RoPE tables of the window: the model's own (``position_embeddings``) or computed here."""
+        if not (self.config.local_attention and self.config.local_attention_rope):
+            return None
+        if position_embeddings is not None:
+            return position_embeddings
+        positions = rope_positions(attention_mask, batch, length, past, device)
+        return vkt.rotary_cos_sin(positions, self.head_dim, self.config.rope_theta)
 
     def forward(
         self,
@@ -128,6 +319,7 @@ class VKTAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: Any = None,
         output_attentions: bool = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mix ``hidden_states`` ``(B, N, hidden)``.
@@ -138,6 +330,8 @@ class VKTAttention(nn.Module):
                 layer reads and writes its state at ``layer_idx``.
             output_attentions: also return the scalar attentions (always returned here; the
                 flag is accepted for API compatibility).
+            position_embeddings: RoPE ``(cos, sin)`` ``(B, N, d)`` from a converted model's
+                rotary module, used by the local attention window; computed here when absent.
 
         Returns:
             ``(output (B, N, hidden), a (B, H, N))``.
@@ -150,64 +344,24 @@ class VKTAttention(nn.Module):
             cache = kwargs.get("past_key_values")
         batch, length, _ = hidden_states.shape
         mask = padding_mask(attention_mask, batch, length, hidden_states.device)
-        slot = None
-        state = None
+        slot = state = None
         if cache is not None:
             if not self.causal:
                 raise ValueError("a cache can only be used with causal VKT layers")
             slot = vkt_state_layer(cache, self.layer_idx)
             state = slot.state
-        chunk = self.config.mixer_chunk_size if self.causal else length
+        past = 0 if slot is None else slot.seen_tokens
+        rotary = self._rotary(attention_mask, position_embeddings, batch, length, past, hidden_states.device)
+        proj = self.project(hidden_states, rotary)
+        chunk = self.config.mixer_chunk_size if self.causal else max(length, 1)
         outputs, scalars = [], []
-        for start in range(0, length, chunk):
+        for start in range(0, max(length, 1), chunk):
             end = min(start + chunk, length)
-            out, a, state = self._mix(hidden_states[:, start:end], mask[:, start:end], state)
+            out, a, state = mix(proj.chunk(start, end), mask[:, start:end], state, self)
             outputs.append(out)
             scalars.append(a)
         if slot is not None:
             slot.update_state(state, length)
-        output = self.o_proj(torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0])
-        return output, torch.cat(scalars, dim=-1).to(hidden_states.dtype)
-
-    def _mix(
-        self, x: torch.Tensor, mask: torch.Tensor, state: VKTState | None
-    ) -> tuple[torch.Tensor, torch.Tensor, VKTState | None]:
-        """One chunk: ``x`` ``(B, N, hidden)`` -> mixed heads ``(B, N, H*d)``, ``a`` ``(B, H, N)``, new state."""
-        config = self.config
-        batch, length, _ = x.shape
-        acc = torch.float64 if config.accumulation_dtype == "float64" else torch.float32
-        query = self._heads(self.q_proj(x), self.num_heads).to(acc)  # Q: (B, H, N, d)
-        if config.importance == "parameter":
-            scores = vkt.importance_scores(query, self.importance)  # s: (B, H, N)
-        else:
-            scores = vkt.importance_scores(query, self._heads(self.importance_proj(x), self.num_heads))
-        context = (
-            self._heads(self.k_proj(x), self.num_kv_heads).to(acc) if config.context_source == "key" else query
-        )  # R: (B, H, N, d)
-        values = self._heads(self.v_proj(x), self.num_kv_heads).to(acc) if hasattr(self, "v_proj") else None
-        gated = values if config.gated_value == "value" else query  # U
-
-        # the context stream: R, with the value vectors alongside when they are read out
-        stream, null = context, self.null_context
-        if config.readout:
-            stream = torch.cat([context, values], dim=-1)  # (B, H, N, 2d)
-            null = torch.cat([self.null_context, self.null_value], dim=-1)  # (H, 2d)
-        weights = vkt.context_weights(scores, config.context_weights)  # w: (B, H, N)
-        g_state = None if state is None else (state.weighted_sum, state.weight_total)
-        l_state = None if state is None else (state.window, state.window_mask)
-        backend = getattr(config, "vkt_backend", None)  # reference | fused | triton | auto (see vkt_hf.ops)
-        global_ctx, g_state = ops.global_context(
-            stream, weights, mask, null, self.log_decay(), causal=self.causal, state=g_state, backend=backend
-        )  # (B, H, N, D)
-        local_ctx, l_state = ops.local_context(
-            stream, mask, null, self.local_window, causal=self.causal, state=l_state, backend=backend
-        )  # (B, H, N, D)
-        d = self.head_dim
-        a = vkt.scalar_attention(scores, global_ctx[..., :d], local_ctx[..., :d], config.eps, config.normalization)
-        mixed = a.unsqueeze(-1) * gated  # a_i * U_i: (B, H, N, d)
-        if config.readout:
-            gates = self.readout_gate(x).to(acc).view(batch, length, 2, self.num_heads).permute(2, 0, 3, 1)
-            mixed = mixed + gates[0].unsqueeze(-1) * global_ctx[..., d:] + gates[1].unsqueeze(-1) * local_ctx[..., d:]
-        mixed = mixed.to(x.dtype).transpose(1, 2).reshape(batch, length, self.num_heads * d)
-        new_state = VKTState(g_state[0], g_state[1], l_state[0], l_state[1]) if self.causal else None
-        return mixed, a, new_state
+        mixed = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]  # (B, H, N, d)
+        mixed = mixed.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.o_proj(mixed), torch.cat(scalars, dim=-1).to(hidden_states.dtype)

@@ -328,3 +328,154 @@ def gamma_init(num_heads: int, min_half_life: float = 1.0, max_half_life: float 
     """Per-head decays ``gamma_h`` with half-lives log-spaced from ``min`` to ``max`` tokens."""
     half_lives = torch.logspace(math.log10(min_half_life), math.log10(max_half_life), num_heads)
     return torch.exp(-math.log(2.0) / half_lives)  # (H,) in (0, 1)
+
+
+def rank_of_real_tokens(mask: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """How many real tokens precede each position: ``(B, N)`` int64 (``seen`` ``(B,)`` carried in).
+
+    A padded position gets the rank of the next real token, which is harmless: padded
+    positions are selected out wherever the rank is used.
+    """
+    real = mask.to(torch.int64)
+    rank = real.cumsum(-1) - real
+    return rank if seen is None else rank + seen.to(torch.int64)[:, None]
+
+
+def fill_sink(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    rank: torch.Tensor,
+    sink: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Store the first ``s`` real tokens of the sequence as the attention sink.
+
+    Slot ``j`` of the sink holds the real token of rank ``j``; slots already filled by an
+    earlier chunk are kept. Cost ``O(N * s * d)``.
+
+    Args:
+        keys, values: ``(B, Hk, N, d)`` of this chunk.
+        mask: ``(B, N)`` bool, real tokens.
+        rank: ``(B, N)`` real tokens before each position (:func:`rank_of_real_tokens`).
+        sink: ``(keys (B, Hk, s, d), values (B, Hk, s, d), filled (B, s) bool)`` so far.
+
+    Returns:
+        The updated sink, same shapes.
+    """
+    sink_keys, sink_values, filled = sink
+    slots = torch.arange(filled.shape[-1], device=mask.device)
+    select = (mask[:, :, None] & (rank[:, :, None] == slots)).to(keys.dtype)  # (B, N, s) one-hot per slot
+    safe_keys = keys.masked_fill(~mask[:, None, :, None], 0)  # padding may hold anything, even NaN
+    safe_values = values.masked_fill(~mask[:, None, :, None], 0)
+    new_keys = torch.einsum("bns,bhnd->bhsd", select, safe_keys)
+    new_values = torch.einsum("bns,bhnd->bhsd", select, safe_values)
+    keep = filled[:, None, :, None]
+    return (
+        torch.where(keep, sink_keys, new_keys),
+        torch.where(keep, sink_values, new_values),
+        filled | select.bool().any(1),
+    )
+
+
+def sliding_window_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_mask: torch.Tensor,
+    window: int,
+    history: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    sink: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    sink_visible: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Exact causal softmax attention over the last ``window`` positions (the token itself
+    included), plus optional sink keys/values that every query may attend to.
+
+    Blocked so nothing is ``N x N``: the sequence (after ``window`` positions of history) is cut
+    into blocks of ``window`` tokens and each query block attends to its own block and the one
+    before, ``O(N * window * d)`` in all. The sink and the window share one softmax.
+
+    Args:
+        query: ``(B, H, N, d)``.
+        keys, values: ``(B, Hk, N, d)`` with ``H`` a multiple of ``Hk`` (grouped-query heads).
+        key_mask: ``(B, N)`` bool: positions that are keys of the window (real tokens that are
+            not sink tokens). Masked positions are selected out, so they may hold anything.
+        window: ``n >= 1``.
+        history: ``(keys (B, Hk, n, d), values (B, Hk, n, d), mask (B, n))``: the ``n``
+            positions just before ``query`` (carried state), or ``None``.
+        sink: ``(keys (B, Hk, s, d), values (B, Hk, s, d), filled (B, s))`` or ``None``.
+        sink_visible: ``(B, N, s)`` bool, which sink slots each query may see (causality
+            inside the first tokens); default: the filled ones.
+        scale: logit scale, default ``d ** -0.5``.
+
+    Returns:
+        ``(B, H, N, d)`` (a query with no visible key gets zeros) and the new history: the last
+        ``n`` positions' keys, values and mask, for the next chunk.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    scale = dim**-0.5 if scale is None else scale
+    if history is None:
+        history = (
+            keys.new_zeros(batch, kv_heads, window, dim),
+            values.new_zeros(batch, kv_heads, window, dim),
+            key_mask.new_zeros(batch, window),
+        )
+    full_mask = torch.cat([history[2].bool(), key_mask.bool()], dim=-1)  # (B, n + N)
+    full_keys = torch.cat([history[0].to(keys.dtype), keys], dim=-2).masked_fill(~full_mask[:, None, :, None], 0)
+    full_values = torch.cat([history[1].to(values.dtype), values], dim=-2).masked_fill(~full_mask[:, None, :, None], 0)
+    new_history = (full_keys[..., -window:, :], full_values[..., -window:, :], full_mask[:, -window:])
+    pad = (-(window + length)) % window
+    if pad:
+        full_keys = F.pad(full_keys, (0, 0, 0, pad))
+        full_values = F.pad(full_values, (0, 0, 0, pad))
+        full_mask = F.pad(full_mask, (0, pad))
+    blocks = (window + length + pad) // window  # block 0 is the history
+    kb = full_keys.view(batch, kv_heads, blocks, window, dim)
+    vb = full_values.view(batch, kv_heads, blocks, window, dim)
+    mb = full_mask.view(batch, blocks, window)
+    # the keys of query block b: blocks b-1 and b  -> (B, Hk, b', 2n, d)
+    k2 = torch.cat([kb[:, :, :-1], kb[:, :, 1:]], dim=-2)
+    v2 = torch.cat([vb[:, :, :-1], vb[:, :, 1:]], dim=-2)
+    m2 = torch.cat([mb[:, :-1], mb[:, 1:]], dim=-1)  # (B, b', 2n)
+    q = F.pad(query, (0, 0, 0, pad)).view(batch, kv_heads, group, blocks - 1, window, dim)
+    logits = (q @ k2.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hk, G, b', n, 2n)
+    # query offset o sees key offset u of the pair when 0 <= (n + o - u) <= n - 1
+    offsets = torch.arange(window, device=query.device)
+    rel = window + offsets[:, None] - torch.arange(2 * window, device=query.device)[None, :]
+    allowed = ((rel >= 0) & (rel < window))[None, None, None, None] & m2[:, None, None, :, None, :]
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    if sink is not None:
+        sink_keys, sink_values, filled = sink
+        s = filled.shape[-1]
+        visible = (
+            filled[:, None, :].expand(batch, length, s) if sink_visible is None else sink_visible & filled[:, None]
+        )
+        visible = F.pad(visible, (0, 0, 0, pad)).view(batch, 1, 1, blocks - 1, window, s)
+        sink_logits = (q @ sink_keys.to(q.dtype)[:, :, None, None].transpose(-1, -2)) * scale  # (B, Hk, G, b', n, s)
+        logits = torch.cat([sink_logits.masked_fill(~visible, float("-inf")), logits], dim=-1)
+    top = logits.amax(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)  # -inf rows -> finite
+    weights = (logits - top).exp()
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).tiny)
+    if sink is not None:
+        sink_values = sink[1].masked_fill(~sink[2][:, None, :, None], 0).to(q.dtype)
+        out = weights[..., :s] @ sink_values[:, :, None, None] + weights[..., s:] @ v2.unsqueeze(2)
+    else:
+        out = weights @ v2.unsqueeze(2)  # (B, Hk, G, b', n, d)
+    return out.reshape(batch, heads, (blocks - 1) * window, dim)[:, :, :length], new_history
+
+
+def rotary_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables ``(cos, sin)``, each ``(B, N, dim)``, at integer ``positions`` ``(B, N)`` (Llama's layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, N, d/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(B, H, N, d)`` by the RoPE tables ``(B, N, d)`` (the half-split convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None].to(x.dtype) + rotated * sin[:, None].to(x.dtype)

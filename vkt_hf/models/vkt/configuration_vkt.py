@@ -6,8 +6,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from ...ops import BACKENDS
-from ...ops.functional import NORMALIZATIONS
+from ...constants import BACKENDS, NORMALIZATIONS
 
 MIXER_TYPES = ("vkt", "softmax", "none")
 
@@ -22,6 +21,7 @@ VKT_PRESETS: dict[str, dict[str, Any]] = {
         context_weights="importance",
         distance_decay=False,
         readout=False,
+        local_attention=False,
     ),
     "default": dict(
         normalization="softsign",
@@ -31,6 +31,7 @@ VKT_PRESETS: dict[str, dict[str, Any]] = {
         context_weights="importance",
         distance_decay=True,
         readout=True,
+        local_attention=False,
     ),
 }
 
@@ -49,7 +50,14 @@ def validate_vkt_options(config: Any) -> None:
         value = getattr(config, name)
         if value not in choices:
             raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
-    for name in ("local_window", "num_attention_heads", "num_key_value_heads", "head_dim", "mixer_chunk_size"):
+    for name in (
+        "local_window",
+        "local_attention_window",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "mixer_chunk_size",
+    ):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
@@ -65,9 +73,14 @@ def validate_vkt_options(config: Any) -> None:
     backend = getattr(config, "vkt_backend", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"`vkt_backend` must be one of {BACKENDS}, got {backend!r}")
-    for name in ("distance_decay", "readout", "causal"):
+    for name in ("distance_decay", "readout", "causal", "local_attention", "local_attention_rope"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"`{name}` must be True or False, got {getattr(config, name)!r}")
+    sinks = config.sink_tokens
+    if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+        raise ValueError(f"`sink_tokens` must be an integer >= 0, got {sinks!r}")
+    if config.local_attention and not config.causal:
+        raise ValueError("`local_attention=True` needs `causal=True` (the window is causal softmax attention)")
 
 
 class VKTConfig(PretrainedConfig):
@@ -98,6 +111,16 @@ class VKTConfig(PretrainedConfig):
         distance_decay (`bool`): multiply the global-mean weights by a learned per-head
             ``gamma_h^(i-j)`` (heads start at different half-lives).
         readout (`bool`): add the gated global and local means of the value vectors to the output.
+        local_attention (`bool`): add exact causal softmax attention over the last
+            ``local_attention_window`` tokens (the token itself included) and the first ``sink_tokens``
+            tokens (the attention sink) to the output; what keeps a converted checkpoint's
+            short-range behaviour. Off in both presets; on by default when converting a checkpoint.
+        local_attention_window (`int`, *optional*, defaults to 64): tokens the softmax window sees.
+        sink_tokens (`int`, *optional*, defaults to 1): first real tokens every query may attend to
+            (kept in the decoding state); 0 turns the sink off.
+        local_attention_rope (`bool`, *optional*, defaults to `True`): rotate the window's queries
+            and keys with RoPE (the model's own tables when it passes ``position_embeddings``, else
+            ``rope_theta``); `False` for models without RoPE (GPT-2).
         local_window (`int`, *optional*, defaults to 16): ``n``, tokens on each side in ``T``.
         eps (`float`, *optional*, defaults to 1e-3): lower bound of ``|K . T|``. It also bounds how
             much float rounding in ``K . T`` is amplified in ``a`` (the ratio is ill-conditioned when
@@ -147,6 +170,10 @@ class VKTConfig(PretrainedConfig):
         context_weights: str | None = None,
         distance_decay: bool | None = None,
         readout: bool | None = None,
+        local_attention: bool | None = None,
+        local_attention_window: int = 64,
+        sink_tokens: int = 1,
+        local_attention_rope: bool = True,
         local_window: int = 16,
         eps: float = 1e-3,
         accumulation_dtype: str = "float32",
@@ -194,9 +221,13 @@ class VKTConfig(PretrainedConfig):
             context_weights=context_weights,
             distance_decay=distance_decay,
             readout=readout,
+            local_attention=local_attention,
         )
         for name, value in given.items():
             setattr(self, name, VKT_PRESETS[preset][name] if value is None else value)
+        self.local_attention_window = local_attention_window
+        self.sink_tokens = sink_tokens
+        self.local_attention_rope = local_attention_rope
         self.local_window = local_window
         self.eps = eps
         self.accumulation_dtype = accumulation_dtype
