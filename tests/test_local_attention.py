@@ -202,3 +202,21 @@ def test_bad_local_attention_options():
         native_config(sink_tokens=-1)
     with pytest.raises(ValueError, match="causal"):
         native_config(causal=False)
+
+
+def test_window_only_baseline_ignores_the_vkt_terms():
+    """``vkt_terms=False`` is the window + sink alone: the VKT parameters have no effect."""
+    torch.manual_seed(0)
+    model = randomised(vkt_hf.VKTForCausalLM(native_config(vkt_terms=False)))
+    ids = torch.randint(0, 97, (2, 13))
+    before = model(ids).logits
+    with torch.no_grad():
+        for layer in vkt_hf.layers.vkt_layers(model):
+            layer.readout_gate.bias.add_(3.0)
+            layer.importance.add_(1.0)
+    torch.testing.assert_close(model(ids).logits, before)
+    cache = vkt_hf.VKTCache(model.config.mixer_types)
+    steps = [model(ids[:, :5], cache=cache).logits] + [
+        model(ids[:, i : i + 1], cache=cache).logits for i in range(5, 13)
+    ]
+    torch.testing.assert_close(torch.cat(steps, 1), before, rtol=1e-4, atol=1e-5)

@@ -45,6 +45,7 @@ EXTRA_OPTIONS: dict[str, Any] = {
     "local_attention_window": 64,
     "sink_tokens": 1,
     "local_attention_rope": True,
+    "vkt_terms": True,
     "local_window": 16,
     "eps": 1e-3,
     "accumulation_dtype": "float32",

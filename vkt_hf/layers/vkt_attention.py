@@ -135,6 +135,9 @@ def mix(
         bidirectional layers).
     """
     config = layer.config
+    if not config.vkt_terms:  # the window alone (a baseline, or the VKT part switched off)
+        attended, new_state = _window_attention(proj, mask.bool(), state, VKTState(None, None, None, None), layer)
+        return attended, proj.scores.new_zeros(proj.scores.shape), new_state
     d = proj.query.shape[-1]
     stream, null = proj.context, layer.null_context
     if config.readout:  # the value vectors ride along in the same sums

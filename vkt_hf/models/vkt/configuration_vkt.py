@@ -73,12 +73,14 @@ def validate_vkt_options(config: Any) -> None:
     backend = getattr(config, "vkt_backend", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"`vkt_backend` must be one of {BACKENDS}, got {backend!r}")
-    for name in ("distance_decay", "readout", "causal", "local_attention", "local_attention_rope"):
+    for name in ("distance_decay", "readout", "causal", "local_attention", "local_attention_rope", "vkt_terms"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"`{name}` must be True or False, got {getattr(config, name)!r}")
     sinks = config.sink_tokens
     if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
         raise ValueError(f"`sink_tokens` must be an integer >= 0, got {sinks!r}")
+    if not (config.vkt_terms or config.local_attention):
+        raise ValueError("`vkt_terms=False` needs `local_attention=True` (the layer would mix nothing)")
     if config.local_attention and not config.causal:
         raise ValueError("`local_attention=True` needs `causal=True` (the window is causal softmax attention)")
 
@@ -118,6 +120,9 @@ class VKTConfig(PretrainedConfig):
         local_attention_window (`int`, *optional*, defaults to 64): tokens the softmax window sees.
         sink_tokens (`int`, *optional*, defaults to 1): first real tokens every query may attend to
             (kept in the decoding state); 0 turns the sink off.
+        vkt_terms (`bool`, *optional*, defaults to `True`): compute the VKT terms (the scalar
+            attention ``a U`` and the read-out); `False` leaves the local attention window alone, the
+            window + sink baseline of the quality measurements (and an evaluation-time switch).
         local_attention_rope (`bool`, *optional*, defaults to `True`): rotate the window's queries
             and keys with RoPE (the model's own tables when it passes ``position_embeddings``, else
             ``rope_theta``); `False` for models without RoPE (GPT-2).
@@ -174,6 +179,7 @@ class VKTConfig(PretrainedConfig):
         local_attention_window: int = 64,
         sink_tokens: int = 1,
         local_attention_rope: bool = True,
+        vkt_terms: bool = True,
         local_window: int = 16,
         eps: float = 1e-3,
         accumulation_dtype: str = "float32",
@@ -228,6 +234,7 @@ class VKTConfig(PretrainedConfig):
         self.local_attention_window = local_attention_window
         self.sink_tokens = sink_tokens
         self.local_attention_rope = local_attention_rope
+        self.vkt_terms = vkt_terms
         self.local_window = local_window
         self.eps = eps
         self.accumulation_dtype = accumulation_dtype
