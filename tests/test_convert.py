@@ -30,7 +30,7 @@ import vkt_hf
 from vkt_hf.cli import main as cli_main
 from vkt_hf.convert import ConversionError, convert_to_vkt, resolve_layers
 from vkt_hf.layers import VKTAttention
-from vkt_hf.models.vkt.modeling_vkt import CACHE_FIELD
+from vkt_hf.utils import CACHE_FIELD
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 61

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
 
+from tests.helpers import tiny_model
 from vkt_hf import data
 from vkt_hf import evaluation as ev
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.helpers import tiny_model
 from vkt_hf.data import get_tokenizer
 from vkt_hf.explain import importance_map, render_html, render_png
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import vkt_hf
-from vkt_hf.models.vkt.modeling_vkt import CACHE_FIELD
+from tests.helpers import tiny_config, tiny_model
+from vkt_hf.utils import CACHE_FIELD
 
 
 def logits(model, ids, **kwargs):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .cache import layer_nbytes
 from .data import IGNORE_INDEX, encode
-from .models.vkt.modeling_vkt import CACHE_FIELD
+from .utils import CACHE_FIELD
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_INTRO = (

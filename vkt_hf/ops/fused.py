@@ -1,7 +1,8 @@
 """Fast CPU/GPU path for the two context sums, in plain PyTorch (no compiler needed).
 
 Same signatures and results as :func:`vkt_hf.ops.functional.global_context` and
-:func:`vkt_hf.ops.functional.local_context` (the oracle, see ``tests/test_ops_fast.py``), but
+:func:`vkt_hf.ops.functional.local_context` (checked against both references in ``tests/test_ops.py``
+and ``tests/test_ops_fast.py``), but
 computed block by block along the sequence, carrying the state, so every temporary is the
 size of one block (``B x H x block x D``, about a megabyte: it stays in cache) instead of
 the whole ``(B, H, N, D)`` sequence, and the decay matrices are shared by all chunks.
@@ -14,9 +15,10 @@ decay). A block of ``L`` tokens is cut into chunks of ``C``; with ``X`` the weig
     total_k     = sum_s g^(C-1-s) X_s                         the same for every chunk
     S_k         = sum_{j<k} g^(C(k-1-j)) total_j + g^(Ck) S_0  one (c+1) x c matrix per head
 
-Every exponent is ``<= 0`` (rule 6 of the spec: no ``g^(-j)``), sums are float32 matrix
-products of at most ``C`` (or ``c``) terms. Padding with a decay makes the decay
-token-dependent; that case (and the bidirectional mixer) goes to the reference.
+Every exponent is ``<= 0`` (no ``g^(-j)``, which overflows after a few hundred tokens of a
+strong decay), sums are float32 matrix products of at most ``C`` (or ``c``) terms. Padding
+with a decay makes the decay token-dependent; that case (and the bidirectional mixer) goes
+to the reference.
 
 Local context (``T``): the sum of the ``n`` previous vectors of ``[history; block]`` by
 doubling (``p_2k[t] = p_k[t] + p_k[t+k]``, about ``2 log2 n`` in-cache passes) — exact sums
@@ -34,14 +36,6 @@ from . import functional as ref
 BLOCK = 512
 #: tokens per chunk of the decayed scan inside a block (the shared decay matrix is C x C)
 CHUNK = 32
-
-
-def needs_grad(*inputs) -> bool:
-    """Whether autograd must see the result: grad mode is on and any tensor (or tensor in a tuple) requires it."""
-    if not torch.is_grad_enabled():
-        return False
-    flat = [t for x in inputs for t in (x if isinstance(x, (tuple, list)) else (x,))]
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
 
 
 def _decay_matrices(
@@ -151,8 +145,9 @@ def global_context(
         carry = torch.cat([null_sum, null_sum.new_ones(batch, heads, 1)], dim=-1)  # (B, H, D+1)
     else:
         carry = torch.cat([state[0].to(acc), state[1].to(acc).unsqueeze(-1)], dim=-1)
-    grad = needs_grad(stream, weights, ld, null, state)
-    out = None if grad else torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
+    # without autograd the blocks are written into one preallocated output (no temporaries)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (stream, w, ld, carry))
+    out = None if tracked else torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
     pieces, mats = [], {}
     for begin in range(0, length, block):
         end = min(begin + block, length)
@@ -218,8 +213,8 @@ def local_context(
         hist = torch.cat([state[0].to(acc) * hm, hm], dim=-1)  # (B, H, n, D+1)
     block = max(block, window)
     null_acc = null.to(acc)[None, :, None, :]  # (1, H, 1, D)
-    grad = needs_grad(stream, null, state)
-    out = None if grad else torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (stream, null, hist))
+    out = None if tracked else torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
     pieces = []
     for begin in range(0, length, block):
         end = min(begin + block, length)

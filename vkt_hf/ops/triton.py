@@ -8,16 +8,18 @@ Same signatures and results as :func:`vkt_hf.ops.functional.global_context` /
 
 * ``_global_kernel``: one program per (sequence x head, block of channels) walks the tokens in
   chunks of ``C``: inside a chunk the decayed exclusive sums are one ``C x C`` matrix product
-  (``exp(cl_t - cl_s)``, ``s < t``, exponents ``<= 0``: rule 6) plus the decayed carried state;
+  (``exp(cl_t - cl_s)``, ``s < t``, exponents ``<= 0``, so nothing overflows) plus the decayed
+  carried state;
   the weight total rides along as a scalar column; ``K = sum / total`` is written directly.
   Padding is handled (its decay is 0 and its weight 0).
 * ``_local_kernel``: one program per (sequence x head, block of tokens, block of channels) adds
   the ``n`` previous rows (from the chunk or from the carried history): exact sums of ``n``
   terms, then divides by the count (or writes the null vector).
 
-The kernels run the forward pass. When a gradient is needed the call goes to the fused
-PyTorch path (:mod:`.fused`), which autograd differentiates: training is not slower than
-``fused``, inference gets the kernels.
+The kernels run the forward pass only. The dispatch (:func:`vkt_hf.ops.global_context` with
+``backend="triton"``) sends a call that needs a gradient to the fused PyTorch path
+(:mod:`.fused`), which autograd differentiates; called directly, these functions refuse inputs
+that require a gradient rather than return a result autograd cannot see.
 """
 
 from __future__ import annotations
@@ -126,6 +128,14 @@ def _runnable(stream: torch.Tensor) -> bool:
     return HAS_TRITON and (stream.is_cuda or INTERPRET)
 
 
+def _forward_only(*tensors: torch.Tensor | None) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            "the Triton VKT kernels compute the forward pass only; call vkt_hf.ops.global_context / "
+            "local_context (backend='triton'), which run calls that need a gradient on the fused path"
+        )
+
+
 def _block_d(dim: int) -> int:
     return min(64, max(16, triton.next_power_of_2(dim)))
 
@@ -140,12 +150,14 @@ def global_context(
     state: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Triton :func:`vkt_hf.ops.functional.global_context` (forward; gradients via :mod:`.fused`)."""
-    grad_inputs = (stream, weights, null, log_decay) + (tuple(state) if state is not None else ())
-    if not causal or not _runnable(stream) or fused.needs_grad(*grad_inputs):
-        return fused.global_context(stream, weights, mask, null, log_decay, causal, state, chunk_size)
+    """Triton :func:`vkt_hf.ops.functional.global_context` (forward only, see the module docstring).
+
+    Bidirectional mixers, float64 inputs (the kernels accumulate in float32) and tensors the
+    kernels cannot run on (CPU without the interpreter) go to :mod:`.fused`.
+    """
+    _forward_only(stream, weights, null, log_decay, *(state or ()))
     acc = ref.accumulation_dtype(stream.dtype)
-    if acc != torch.float32:  # float64 inputs: the kernels accumulate in float32
+    if not causal or not _runnable(stream) or acc != torch.float32:
         return fused.global_context(stream, weights, mask, null, log_decay, causal, state, chunk_size)
     batch, heads, length, dim = stream.shape
     stream = stream.contiguous()  # (B, H, N, D)
@@ -176,9 +188,9 @@ def local_context(
     causal: bool = True,
     state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Triton :func:`vkt_hf.ops.functional.local_context` (forward; gradients via :mod:`.fused`)."""
-    grad_inputs = (stream, null) + ((state[0],) if state is not None else ())
-    if not causal or not _runnable(stream) or fused.needs_grad(*grad_inputs) or stream.dtype == torch.float64:
+    """Triton :func:`vkt_hf.ops.functional.local_context` (forward only; falls back like :func:`global_context`)."""
+    _forward_only(stream, null, *(state or ()))
+    if not causal or not _runnable(stream) or stream.dtype == torch.float64:
         return fused.local_context(stream, mask, null, window, causal, state)
     acc = torch.float32
     batch, heads, length, dim = stream.shape

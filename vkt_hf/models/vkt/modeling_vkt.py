@@ -20,10 +20,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from ...cache import VKTCache, vkt_state_layer
 from ...layers.vkt_attention import VKTAttention, init_vkt_parameters, padding_mask
+from ...utils import CACHE_FIELD
 from .configuration_vkt import VKTConfig
-
-# transformers renamed `past_key_values` to `cache` in 5.24 (outputs and forward kwargs)
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
