@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The ablation of the paper's open choices: same-size models, same data, steps and seeds.
 
-Every variant is a ``pretrain`` run of ``recipes/train.py`` on the book corpus (byte-level,
+Every variant is a ``pretrain`` run of :mod:`vkt_hf.training` on the book corpus (byte-level,
 so no tokenizer download). The table reports validation bits per byte at two budgets (both
 read from the same run's periodic evals), mean and spread over seeds, the rank at each
 budget, and the fraction of the no-mixing -> softmax gap each variant closes::
@@ -9,7 +9,7 @@ budget, and the fraction of the no-mixing -> softmax gap each variant closes::
     python recipes/ablate.py --steps 300 900 --seeds 0 1 --output_dir runs/ablation --doc docs/ablation.md
 
 Runs that finished are reused (each variant/seed has its own ``output_dir``, and
-``train.py`` resumes), so an interrupted ablation continues where it stopped.
+training resumes), so an interrupted ablation continues where it stopped.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import TrainConfig, train  # noqa: E402
+from vkt_hf.training import TrainConfig, train
 
 # name -> (mixer of every layer or a per-layer list, VKTConfig overrides). One open choice at a time,
 # starting from the word-for-word `paper` preset, then the `default` preset and hybrids.
@@ -116,11 +115,7 @@ def summarise(results: dict[str, list[dict]], budgets: list[int]) -> list[dict[s
 
 
 def write_report(rows: list[dict], budgets: list[int], args: argparse.Namespace, doc: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``doc`` (the table, kept hand-written notes below the marker), its plot and its JSON."""
     doc.parent.mkdir(parents=True, exist_ok=True)
     b1, b2 = budgets[0], budgets[-1]
     best = next(r for r in rows if r["variant"] not in O_N)
@@ -161,6 +156,18 @@ def write_report(rows: list[dict], budgets: list[int], args: argparse.Namespace,
     ]
     kept = doc.read_text().split(GENERATED_END, 1)[1] if doc.exists() and GENERATED_END in doc.read_text() else "\n"
     doc.write_text("\n".join(lines) + kept)
+    plot_rows(rows, budgets, doc.with_suffix(".png"))
+    (doc.with_suffix(".json")).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+def plot_rows(rows: list[dict], budgets: list[int], path: Path) -> None:
+    """Validation bits per byte of every variant at both budgets, with the seed spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b1, b2 = budgets[0], budgets[-1]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
     names = [r["variant"] for r in rows][::-1]
     for b, color in ((b1, "tab:gray"), (b2, "tab:blue")):
@@ -176,9 +183,8 @@ def write_report(rows: list[dict], budgets: list[int], args: argparse.Namespace,
     ax.set_xlabel("validation bits per byte (lower is better)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(doc.with_suffix(".png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    (doc.with_suffix(".json")).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

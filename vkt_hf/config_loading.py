@@ -1,4 +1,8 @@
-"""Config plumbing shared by the recipes: a dataclass of fields <- YAML file <- command-line flags."""
+"""Run configs for the recipes: the fields of a dataclass <- a YAML file <- command-line flags.
+
+``load_dataclass(TrainConfig, argv)`` reads ``--config FILE.yaml`` then one ``--<field>`` flag per
+field; an unknown key in the YAML (a misspelled field) is an error, not silently ignored.
+"""
 
 from __future__ import annotations
 
