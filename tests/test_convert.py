@@ -28,7 +28,8 @@ from transformers import (
 
 import vkt_hf
 from vkt_hf.cli import main as cli_main
-from vkt_hf.convert import ConversionError, convert_to_vkt, resolve_layers
+from vkt_hf import convert_to_vkt
+from vkt_hf.convert import ConversionError, resolve_layers
 from vkt_hf.layers import VKTAttention
 from vkt_hf.utils import CACHE_FIELD
 

@@ -18,6 +18,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .cards import write_model_card
+from .convert import ConversionError, family_for, resolve_layers
+from .models.vkt_hybrid import convert_to_vkt
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -26,13 +33,8 @@ class CLIError(Exception):
 
 
 def _progress(message: str) -> None:
-    """Print a step of a long command (rich when available, plain text otherwise)."""
-    try:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[bold cyan]>[/] {message}")
-    except ImportError:  # pragma: no cover
-        print(f"> {message}", file=sys.stderr, flush=True)
+    """Print a step of a long command to stderr."""
+    print(f"> {message}", file=sys.stderr, flush=True)
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -75,11 +77,6 @@ def resolve_source(src: str, gguf_file: str | None) -> str:
 
 def run_convert(args: argparse.Namespace) -> int:
     """``vkt-hf convert``: load SRC, convert the chosen layers, save the hybrid and the tokenizer to OUT."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .convert import ConversionError, convert_to_vkt, family_for, resolve_layers
-
     src = resolve_source(args.src, args.gguf_file)
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -116,7 +113,7 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         AutoTokenizer.from_pretrained(src, **load_kwargs).save_pretrained(out)
     except (OSError, ValueError) as err:
-        _progress(f"[yellow]warning:[/] no tokenizer saved ({err})")
+        _progress(f"warning: no tokenizer saved ({err})")
     new = sum(p.numel() for name, p in hybrid.named_parameters() if _is_new_parameter(name))
     _progress(f"done: {len(layers)}/{len(family.layers(model))} layers VKT, {new:,} new parameters -> {out}")
     return 0
@@ -163,8 +160,6 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_card(args: argparse.Namespace) -> int:
     """``vkt-hf card``: write the model card of a training run from its own JSON."""
-    from .cards import write_model_card
-
     try:
         path = write_model_card(args.run_dir, out=args.out, name=args.name, ablation=args.ablation)
     except FileNotFoundError as err:
@@ -193,8 +188,7 @@ def add_card_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_explain(args: argparse.Namespace) -> int:
     """``vkt-hf explain``: draw each token shaded by its scalar attention ``a``."""
-    from transformers import AutoModelForCausalLM
-
+    # imported here, not at the top: they need the `plots` / `train` extras, which `convert` does not
     from .data import get_tokenizer
     from .explain import importance_map, render_html, render_png
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import encode
 from .layers import vkt_layers
 
 
@@ -41,8 +42,6 @@ def importance_map(model: nn.Module, tokenizer, text: str, max_tokens: int = 512
     layers = list(enumerate(vkt_layers(model)))
     if not layers:
         raise ValueError("the model has no VKT layers: convert it first (`vkt-hf convert`) or load a VKT model")
-    from .data import encode
-
     ids = encode(tokenizer, text)[:max_tokens]
     if not ids:
         raise ValueError("the text is empty after tokenization")

@@ -20,10 +20,11 @@ class VKTHybridConfig(PretrainedConfig):
             including ``model_type``), from which the base architecture is rebuilt.
         vkt_layers (`list[int]`, *optional*): indices of the decoder layers that are VKT (the
             others keep their softmax attention). Defaults to none.
-        vkt_options (`dict`, *optional*): the resolved VKT options of the converted layers
-            (``preset``, ``normalization``, ``importance``, ``context_source``, ``gated_value``,
+        vkt_options (`dict`, *optional*): the VKT options of the converted layers (``preset``,
+            ``normalization``, ``importance``, ``context_source``, ``gated_value``,
             ``context_weights``, ``distance_decay``, ``readout``, ``local_window``, ``eps``,
-            ``mixer_chunk_size``); missing ones take the conversion defaults.
+            ``mixer_chunk_size``, ...). Missing ones take the conversion defaults when the model
+            is built, which also validates them and records the complete set here.
 
     Attributes of the base config (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ...) are
     readable on this config too.
@@ -49,16 +50,14 @@ class VKTHybridConfig(PretrainedConfig):
         vkt_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
-        from ...convert.common import resolve_vkt_options
-
         if isinstance(base_config, PretrainedConfig):
             base_config = base_config.to_dict()
         self.base_config: dict[str, Any] = dict(base_config or {"model_type": "llama"})
         if "model_type" not in self.base_config:
             raise ValueError("`base_config` must record the base `model_type`")
         self.vkt_layers = sorted(int(i) for i in (vkt_layers or []))
-        options = dict(vkt_options or {})
-        self.vkt_options = resolve_vkt_options(options.pop("preset", "default"), **options)
+        # completed (preset, conversion defaults) and checked when the model is built: a config is plain data
+        self.vkt_options: dict[str, Any] = dict(vkt_options or {})
         for name in _COPIED_FROM_BASE:
             if name in self.base_config:
                 kwargs.setdefault(name, self.base_config[name])

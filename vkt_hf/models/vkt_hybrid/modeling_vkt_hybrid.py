@@ -1,4 +1,5 @@
-"""``VKTHybridForCausalLM``: a converted GPT-2 / Llama-family LM, saved and reloaded through the Auto APIs.
+"""``VKTHybridForCausalLM``, a converted GPT-2 / Llama-family LM saved and reloaded through the Auto APIs,
+and :func:`convert_to_vkt`, which builds one from a loaded model.
 
 The class wraps the base model (``self.model``, e.g. a ``LlamaForCausalLM``) whose listed layers
 hold :class:`~vkt_hf.layers.VKTAttention`. ``__init__`` rebuilds that exact structure from the
@@ -14,13 +15,15 @@ batch expansion reorder both kinds of layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from ...convert.common import convert_layers, family_for
+from ...convert import INIT_DEFAULTS, ConversionError, convert_layers, family_for
+from ...convert.common import init_new_parameters
 from ...layers.vkt_attention import VKTAttention
 from .configuration_vkt_hybrid import VKTHybridConfig
 
@@ -39,8 +42,6 @@ class VKTHybridPreTrainedModel(PreTrainedModel):
         # only reached for modules outside the wrapped model (which initialises its own) and for
         # VKT layers rebuilt without saved weights
         if isinstance(module, VKTAttention):
-            from ...convert.common import init_new_parameters
-
             init_new_parameters(module)
 
 
@@ -63,8 +64,8 @@ class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
             family_for(base_config)  # fail early with the list of supported architectures
             attn = getattr(config, "_attn_implementation", None)
             model = AutoModelForCausalLM.from_config(base_config, attn_implementation=attn)
-            options = dict(config.vkt_options)
-            convert_layers(model, config.vkt_layers, **options)
+            # completes and checks the options; the config records the complete set
+            _, config.vkt_options = convert_layers(model, config.vkt_layers, **config.vkt_options)
         self.model = model
         self.post_init()
 
@@ -135,3 +136,62 @@ class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
         """The base model's ``generate`` (with this model's generation config)."""
         self.model.generation_config = self.generation_config
         return self.model.generate(*args, **kwargs)
+
+
+def convert_to_vkt(
+    model: nn.Module,
+    layers: str | int | Iterable[int] = "all",
+    preset: str = "default",
+    *,
+    progress: bool = False,
+    importance_init: str = INIT_DEFAULTS["importance_init"],
+    readout_init: tuple[float, float] | None = INIT_DEFAULTS["readout_init"],
+    **vkt_options: Any,
+) -> nn.Module:
+    """Replace the attention of the chosen decoder layers of a loaded model by VKT-Attention.
+
+    The swap is done in place: the listed layers get a :class:`~vkt_hf.layers.VKTAttention` that
+    reuses the pretrained projections; every other layer, and everything else in the model, is
+    left exactly as it was. See ``docs/conversion.md`` for the weight mapping.
+
+    Example::
+
+        base = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+        hybrid = vkt_hf.convert_to_vkt(base, layers="even")   # half the layers VKT
+        hybrid.save_pretrained("smollm2-vkt-half")            # AutoModelForCausalLM reloads it
+
+    Args:
+        model: a ``GPT2LMHeadModel`` / ``GPT2Model`` or a Llama-family model (Llama, Mistral,
+            Mixtral, Qwen2, Qwen3; ``*ForCausalLM`` or the bare ``*Model``).
+        layers: ``"all"``, ``"none"``, ``"even"``, ``"odd"``, ``"0,2,5-7"`` or a list of indices.
+        preset: ``"default"`` or ``"paper"``; conversion then reuses the pretrained keys and values
+            (``context_source="key"``, ``gated_value="value"``) unless you override them.
+        progress: show a progress bar.
+        importance_init: ``"zeros"`` (default) or ``"random"``: start of the importance vectors ``V``.
+        readout_init: ``(g_K, g_T)`` initial read-out gates (when ``readout`` is on); ``None``: the
+            conversion default (see :func:`vkt_hf.convert.common.init_new_parameters`).
+        **vkt_options: any VKT option (``normalization``, ``local_window``, ``distance_decay``, ...).
+
+    Returns:
+        For a causal LM, a :class:`VKTHybridForCausalLM` wrapping ``model`` (its
+        ``save_pretrained`` writes the hybrid format that ``AutoModelForCausalLM`` reloads). For a
+        bare decoder (``GPT2Model``, ``LlamaModel``), ``model`` itself, converted in place.
+
+    Raises:
+        ConversionError: unsupported architecture (the message lists the supported ones), bad
+            layer indices or options.
+    """
+    if isinstance(model, VKTHybridForCausalLM):
+        raise ConversionError("this model is already a converted VKT hybrid")
+    indices, options = convert_layers(
+        model,
+        layers,
+        preset=preset,
+        progress=progress,
+        importance_init=importance_init,
+        readout_init=readout_init,
+        **vkt_options,
+    )
+    if getattr(model, "get_output_embeddings", lambda: None)() is None:
+        return model
+    return VKTHybridForCausalLM.from_converted(model, indices, options)
