@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,7 @@ def tiny_args(out: Path, **extra) -> list[str]:
     )
     args.update({k: str(v) for k, v in extra.items()})
     return [item for k, v in args.items() for item in (f"--{k}", str(v))]
+
 
 # conversions without the exact local softmax window: on these short texts the window alone reproduces
 # the teacher's attention almost exactly, leaving nothing for the VKT parameters to learn
@@ -139,19 +141,30 @@ def test_ddp_two_processes_train(tmp_path):
     assert steps[0]["lr"] == pytest.approx(1e-2 / 2)  # the schedule counts optimizer steps (warmup 2)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
+def save_tiny_llama(path: Path, **overrides) -> Path:
     """A random 2-layer Llama with the byte tokenizer, saved locally (stands in for SmolLM2)."""
-    path = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
     tok = get_tokenizer("byte")
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        **overrides,
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory) -> Path:
+    """Like ``tiny_llama`` with 15x larger weights: peaked next-token distributions (a teacher worth distilling;
+    the default init gives near-uniform ones, from which any student is a tiny KL away)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("sharp_llama"), initializer_range=0.3)
 
 
 def transfer_mse(student, teacher, ids: torch.Tensor) -> float:
@@ -211,3 +224,131 @@ def test_main_job_quick_run_writes_report_and_cards(tmp_path):
     for name in ("vkt", "softmax"):
         card = (cards / f"vkt-hf-main-{name}.md").read_text()
         assert card.startswith("---") and "model-index" in card
+
+
+def recipe(name: str) -> dict:
+    """The globals of ``recipes/<name>.py`` (a script, not a module of the package)."""
+    return runpy.run_path(str(ROOT / "recipes" / f"{name}.py"), run_name=f"recipe_{name}")
+
+
+def metric_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_distill_logs_the_mse_of_every_layer(tmp_path, tiny_llama):
+    out = tmp_path / "distill"
+    args = tiny_args(out, mode="distill", max_steps=6, model_name_or_path=tiny_llama, convert_layers="all", lr=1e-2)
+    run_train([*args, "--vkt_options", NO_WINDOW, "--freeze_params", "[importance]"])
+    rows = [r for r in metric_rows(out) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for row in rows:  # the loss is the mean of the per-layer MSEs, both logged
+        assert {k for k in row if k.startswith("mse_layer_")} == {"mse_layer_0", "mse_layer_1"}
+        assert row["loss"] == pytest.approx((row["mse_layer_0"] + row["mse_layer_1"]) / 2, rel=1e-5)
+    assert rows[-1]["mse_layer_0"] < rows[0]["mse_layer_0"] and rows[-1]["mse_layer_1"] < rows[0]["mse_layer_1"]
+    bar = training.postfix(rows[-1], ["mse_layer_0", "mse_layer_1"])
+    assert bar.startswith("loss=") and " L0=" in bar and " L1=" in bar
+
+
+def test_kd_loss_is_the_lm_loss_at_weight_0_and_the_kl_at_weight_1(sharp_llama):
+    student = vkt_hf.convert_to_vkt(
+        AutoModelForCausalLM.from_pretrained(sharp_llama), layers="all", local_attention=False
+    )
+    teacher = AutoModelForCausalLM.from_pretrained(sharp_llama)
+    ids = torch.tensor([list((BOOKS / "emma.txt").read_bytes()[:64])]) + 3
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    setup = training.Setup(student, student, teacher, part_names=["lm_loss", "kl"])
+    lm = student(**batch).loss
+    p_teacher = teacher(input_ids=ids).logits.softmax(-1)
+    kl = (p_teacher * (p_teacher.log() - student(input_ids=ids).logits.log_softmax(-1))).sum(-1).mean()
+    assert float(kl) > 0.01  # the converted student differs from its teacher
+    for weight, expected in ((0.0, lm), (1.0, kl), (0.25, 0.75 * lm + 0.25 * kl)):
+        loss, parts = training.training_loss(setup, batch, training.TrainConfig(kd_weight=weight))
+        assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+        assert parts.tolist() == pytest.approx([float(lm), float(kl)], rel=1e-5)
+    same = training.logit_kl(teacher(input_ids=ids).logits, teacher(input_ids=ids).logits, torch.ones_like(ids))
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+
+
+def held_out_kl(student, teacher) -> float:
+    ids = torch.tensor([list((BOOKS / "sonnets.txt").read_bytes()[:256])]) + 3
+    with torch.no_grad():
+        return float(
+            training.logit_kl(student(input_ids=ids).logits, teacher(input_ids=ids).logits, torch.ones_like(ids))
+        )
+
+
+def test_finetune_with_kd_lowers_the_kl_to_the_teacher(tmp_path, sharp_llama):
+    teacher = AutoModelForCausalLM.from_pretrained(sharp_llama)
+    kl = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / f"kd{weight}"
+        args = tiny_args(out, mode="finetune", max_steps=8, model_name_or_path=sharp_llama, convert_layers="all")
+        args += ["--teacher_name_or_path", str(sharp_llama), "--kd_weight", str(weight), "--lr", "3e-2"]
+        args += ["--vkt_options", NO_WINDOW]
+        args += ["--lora_r", "8", "--train_vkt_params", "true", "--eval_every", "0", "--save_every", "0"]
+        summary = run_train(args)
+        assert summary["config"]["kd_weight"] == weight
+        kl[weight] = held_out_kl(AutoModelForCausalLM.from_pretrained(out / "model"), teacher)
+        rows = [r for r in metric_rows(out) if "loss" in r]
+        assert all(("kl" in r) == (weight > 0) for r in rows)  # the parts are logged when a teacher is used
+    converted = vkt_hf.convert_to_vkt(
+        AutoModelForCausalLM.from_pretrained(sharp_llama), layers="all", local_attention=False
+    )
+    before = held_out_kl(converted, teacher)
+    assert kl[1.0] < 0.85 * before and kl[1.0] < 0.85 * kl[0.0]  # measured: 0.78 and 0.63
+
+
+def test_finetune_lora_on_the_original_model(tmp_path, tiny_llama):
+    """The quality reference: the unconverted model fine-tuned with the stage-2 recipe (LoRA, KD, VKT flag)."""
+    out = tmp_path / "reference"
+    args = tiny_args(out, mode="finetune", max_steps=2, model_name_or_path=tiny_llama, convert_layers="null")
+    args += ["--teacher_name_or_path", str(tiny_llama), "--kd_weight", "0.5", "--lora_r", "8"]
+    summary = run_train([*args, "--train_vkt_params", "true"])
+    lora_params = 2 * (2 * 8 * (32 + 32) + 2 * 8 * (32 + 16))  # 2 layers; r=8; q/o: 32 -> 32; k/v: 32 -> 16
+    assert summary["model"]["trainable_parameters"] == lora_params
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert isinstance(model, LlamaForCausalLM) and not any("lora" in k for k in model.state_dict())
+
+
+def write_stage_configs(tmp_path: Path, tiny_llama: Path) -> list[str]:
+    common = {
+        "data": str(BOOKS), "val_documents": ["sonnets"], "seq_len": 64, "batch_size": 4, "warmup_steps": 1,
+        "eval_batches": 1, "log_every": 1, "save_every": 2, "progress": False, "num_threads": 1,
+        "teacher_name_or_path": str(tiny_llama),
+    }  # fmt: skip
+    stage1 = {**common, "mode": "distill", "model_name_or_path": str(tiny_llama), "convert_layers": "all"}
+    stage1.update(max_steps=4, lr=1e-2, eval_every=4, output_dir=str(tmp_path / "stage1"))
+    stage2 = {**common, "mode": "finetune", "model_name_or_path": "unused", "kd_weight": 0.5, "lora_r": 8}
+    stage2.update(train_vkt_params=True, max_steps=3, lr=1e-3, eval_every=3, output_dir=str(tmp_path / "stage2"))
+    (tmp_path / "stage1.yaml").write_text(json.dumps(stage1))  # JSON is YAML
+    (tmp_path / "stage2.yaml").write_text(json.dumps(stage2))
+    return ["--stage1", str(tmp_path / "stage1.yaml"), "--stage2", str(tmp_path / "stage2.yaml")]
+
+
+def test_staged_distillation_runs_both_stages_and_resumes(tmp_path, tiny_llama, capsys):
+    distill = recipe("distill")
+    argv = write_stage_configs(tmp_path, tiny_llama)
+    assert distill["main"]([*argv, "--stop_after_steps", "3"]) == 1  # "killed" in stage 1 after step 3
+    assert not (tmp_path / "stage1" / "run.json").exists() and not (tmp_path / "stage2").exists()
+    assert distill["main"](argv) == 0  # stage 1 resumes from its step-2 checkpoint, then stage 2 runs
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step_000002" in out
+    assert [r["step"] for r in metric_rows(tmp_path / "stage1") if "loss" in r] == [1, 2, 3, 4]
+    run2 = json.loads((tmp_path / "stage2" / "run.json").read_text())
+    assert run2["model"]["base_model"] == str(tmp_path / "stage1" / "model") and run2["final"]["step"] == 3
+    assert all("kl" in r for r in metric_rows(tmp_path / "stage2") if "loss" in r)
+    stamps = [(tmp_path / s / "run.json").stat().st_mtime_ns for s in ("stage1", "stage2")]
+    assert distill["main"](argv) == 0  # both finished: skipped
+    assert capsys.readouterr().out.count("skipped") == 2
+    assert stamps == [(tmp_path / s / "run.json").stat().st_mtime_ns for s in ("stage1", "stage2")]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "stage2" / "model")
+    assert len(training.vkt_layers(model)) == 2 and not any("lora" in k for k in model.state_dict())
+
+
+def test_stage_time_limit_counts_as_finished(tmp_path, tiny_llama):
+    distill = recipe("distill")
+    argv = write_stage_configs(tmp_path, tiny_llama)
+    assert distill["main"]([*argv, "--time_limit_minutes", "1e-9"]) == 0  # each stage stops after one step
+    for stage in ("stage1", "stage2"):
+        run = json.loads((tmp_path / stage / "run.json").read_text())
+        assert run["stopped"] == "time_limit" and run["final"]["step"] == 1 and "val_loss" in run["final"]
