@@ -18,8 +18,9 @@ import vkt_hf
 from vkt_hf.ops import functional as vkt
 
 
-def loop_window_attention(q, k, v, mask, window, sinks):
-    """Per query: softmax over the real keys among the last ``window`` positions and the first ``sinks`` real tokens."""
+def loop_window_attention(q, k, v, mask, window, sinks, summary=None):
+    """Per query: softmax over the real keys among the last ``window`` positions and the first ``sinks`` real
+    tokens, and the ``summary`` slot (logit, value) when given."""
     batch, heads, length, dim = q.shape
     group = heads // k.shape[1]
     out = torch.zeros_like(q)
@@ -30,7 +31,11 @@ def loop_window_attention(q, k, v, mask, window, sinks):
             keys = [j for j in real if j <= i and (j > i - window or rank[j] < sinks)]
             for h in range(heads):
                 kk, vv = k[b, h // group, keys], v[b, h // group, keys]
-                out[b, h, i] = torch.softmax(kk @ q[b, h, i] / math.sqrt(dim), 0) @ vv
+                logits = kk @ q[b, h, i] / math.sqrt(dim)
+                if summary is not None:
+                    logits = torch.cat([logits, summary[0][b, h, i : i + 1]])
+                    vv = torch.cat([vv, summary[1][b, h, i : i + 1]])
+                out[b, h, i] = torch.softmax(logits, 0) @ vv
     return out
 
 
@@ -78,6 +83,20 @@ def test_window_matches_loop_definition(window, sinks, splits):
     ref = loop_window_attention(q, k, v, mask, window, sinks)
     real = mask[:, None, :, None].expand_as(out)
     torch.testing.assert_close(out[real], ref[real], rtol=1e-10, atol=1e-10)
+
+
+def test_summary_slot_shares_the_softmax():
+    torch.manual_seed(3)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 19, 8
+    q = torch.randn(batch, heads, length, dim, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, length, dim, dtype=torch.float64)
+    logit = torch.randn(batch, heads, length, dtype=torch.float64)
+    logit[:, :, :5] = float("-inf")  # hidden slot
+    summary = (logit, torch.randn(batch, heads, length, dim, dtype=torch.float64))
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    out, _ = vkt.sliding_window_attention(q, k, v, mask, 4, summary=summary)
+    torch.testing.assert_close(out, loop_window_attention(q, k, v, mask, 4, 0, summary), rtol=1e-10, atol=1e-10)
 
 
 def test_padding_holds_nan_without_leaking():

@@ -15,6 +15,7 @@ and, with the exact local attention window (``local_attention=True``, ``Hk`` key
     keys, values  (B, Hk, w, d) the last w keys (RoPE applied) and values
     key_mask      (B, w)        which of those are keys of the window
     sink_keys, sink_values (B, Hk, s, d), sink_filled (B, s)   the first s real tokens
+    tokens_seen   (B,)          real tokens so far (how many lie beyond the window)
 
 Its size never depends on how many tokens were seen. Softmax layers of a hybrid keep the
 library's ``DynamicLayer`` (a growing KV cache), so converted Llama/GPT-2 hybrids and
@@ -44,6 +45,7 @@ class VKTState:
     sink_keys: torch.Tensor | None = None
     sink_values: torch.Tensor | None = None
     sink_filled: torch.Tensor | None = None
+    tokens_seen: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors held (fields that are not ``None``)."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.vkt_attention import VKTAttention
+from ..layers.vkt_attention import SUMMARY_BIAS_INIT, VKTAttention
 from ..models.vkt.configuration_vkt import VKT_PRESETS, VKTConfig
 from ..ops import functional as vkt
 
@@ -46,6 +46,7 @@ EXTRA_OPTIONS: dict[str, Any] = {
     "sink_tokens": 1,
     "local_attention_rope": True,
     "vkt_terms": True,
+    "global_readout": "window",
     "local_window": 16,
     "eps": 1e-3,
     "accumulation_dtype": "float32",
@@ -192,6 +193,7 @@ def init_new_parameters(
       ``"random"``: ``N(0, 1/d)`` like a fresh model.
     - null context / null value ``(H, d)``: zeros (the "empty context" before the first token).
     - decay logits ``(H,)``: half-lives log-spaced from 1 to 1024 tokens, as in a fresh model.
+    - the bias of the global slot in the local attention window ``(H,)``: ``SUMMARY_BIAS_INIT``.
     - read-out gates (``Linear(hidden, 2H)``): weight 0, bias ``readout_init = (g_K, g_T)``. Default:
       ``(0, 0)`` with the local attention window, so the converted layer starts as exactly the
       pretrained attention inside the window (plus the sink) and the VKT terms grow from zero as
@@ -221,6 +223,8 @@ def init_new_parameters(
         module.readout_gate.bias.copy_(torch.tensor(readout_init, dtype=torch.float32).repeat_interleave(heads))
     if hasattr(module, "decay_logit"):
         module.decay_logit.copy_(vkt.decay_logit_init(module.num_heads))
+    if hasattr(module, "summary_bias"):
+        module.summary_bias.fill_(SUMMARY_BIAS_INIT)
 
 
 def _reference_tensor(attention: nn.Module) -> torch.Tensor:

@@ -48,6 +48,13 @@ def padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, d
     return keep.to(device=device, dtype=torch.float32)
 
 
+#: start of the per-head bias of the global slot in the window: the far tokens' mass starts at
+#: exp(-6) ~ 0.25 % of what their count and mean key suggest, a small but trainable share. Untrained
+#: all-layer SmolLM2 on tests/fixtures/passage.txt: 32.62 with the slot hidden, 32.59 at -6, 34.6 at -4,
+#: 73 at -2, 396 at 0.
+SUMMARY_BIAS_INIT = -6.0
+
+
 def vkt_layers(model: nn.Module) -> list[VKTAttention]:
     """The VKT attention modules of any model (native or converted), in layer order."""
     return sorted((m for m in model.modules() if isinstance(m, VKTAttention)), key=lambda m: m.layer_idx)
@@ -73,6 +80,8 @@ def init_vkt_parameters(layer: VKTAttention) -> None:
         init.zeros_(layer.null_value)
     if hasattr(layer, "decay_logit"):
         init.copy_(layer.decay_logit, vkt.decay_logit_init(layer.num_heads))
+    if hasattr(layer, "summary_bias"):
+        init.constant_(layer.summary_bias, SUMMARY_BIAS_INIT)
 
 
 @dataclass
@@ -155,22 +164,35 @@ def mix(
     )  # (B, H, N, D)
     a = vkt.scalar_attention(proj.scores, global_ctx[..., :d], local_ctx[..., :d], config.eps, config.normalization)
     mixed = a.unsqueeze(-1) * proj.gated  # a_i * U_i: (B, H, N, d)
+    in_window = config.local_attention and config.global_readout == "window"
     if config.readout:
         gates = proj.gates.unsqueeze(-1)  # (2, B, H, N, 1)
-        mixed = mixed + gates[0] * global_ctx[..., d:] + gates[1] * local_ctx[..., d:]
+        mixed = mixed + gates[1] * local_ctx[..., d:]
+        if not in_window:
+            mixed = mixed + gates[0] * global_ctx[..., d:]
     if not layer.causal:
         return mixed, a, None
     new_state = VKTState(g_state[0], g_state[1], l_state[0], l_state[1])
     if config.local_attention:
-        attended, new_state = _window_attention(proj, mask.bool(), state, new_state, layer)
+        summary = (global_ctx[..., :d], global_ctx[..., d:]) if in_window else None
+        attended, new_state = _window_attention(proj, mask.bool(), state, new_state, layer, summary)
         mixed = mixed + attended
     return mixed, a, new_state
 
 
 def _window_attention(
-    proj: Projections, mask: torch.Tensor, state: VKTState | None, new_state: VKTState, layer: VKTAttention
+    proj: Projections,
+    mask: torch.Tensor,
+    state: VKTState | None,
+    new_state: VKTState,
+    layer: VKTAttention,
+    summary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, VKTState]:
-    """The exact local softmax window with its sink; ``mask`` ``(B, N)`` bool. Fills ``new_state``'s window fields."""
+    """The exact local softmax window with its sink; ``mask`` ``(B, N)`` bool. Fills ``new_state``'s window fields.
+
+    ``summary``: the global means of keys and values ``(B, H, N, d)`` each, which then join the
+    window's softmax as one more slot (``global_readout="window"``).
+    """
     keys, values = proj.window_keys, proj.window_values
     batch, kv_heads, _, dim = keys.shape
     sinks = layer.config.sink_tokens
@@ -192,13 +214,50 @@ def _window_attention(
     else:
         key_mask, visible = mask, None
     history = None if state is None or state.keys is None else (state.keys, state.values, state.key_mask)
+    seen = None if state is None or state.tokens_seen is None else state.tokens_seen
+    slot = None
+    if summary is not None:
+        slot = _summary_slot(proj.query, summary, mask, seen, layer)
     out, history = vkt.sliding_window_attention(
-        proj.window_query, keys, values, key_mask, layer.config.local_attention_window, history, sink, visible
+        proj.window_query,
+        keys,
+        values,
+        key_mask,
+        layer.config.local_attention_window,
+        history,
+        sink,
+        visible,
+        None,
+        slot,
     )
     new_state.keys, new_state.values, new_state.key_mask = history
+    new_state.tokens_seen = mask.sum(-1) + (0 if seen is None else seen)
     if sink is not None:
         new_state.sink_keys, new_state.sink_values, new_state.sink_filled = sink
     return out, new_state
+
+
+def _summary_slot(
+    query: torch.Tensor,
+    summary: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    seen: torch.Tensor | None,
+    layer: VKTAttention,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global read-out as one softmax slot: logit ``q_i . K_i / sqrt(d) + log(1 + far_i) + b_h``.
+
+    ``K_i`` is the (decayed, weighted) mean key of the tokens before ``i``; ``far_i`` counts the real
+    tokens older than the window and the sink, so ``exp(logit)`` stands for the far tokens' total
+    softmax mass (their mean key, times their number, times a learned per-head correction
+    ``exp(b_h)``). With no far token the slot is hidden. Returns ``(logit (B, H, N), value (B, H, N, d))``.
+    """
+    keys, values = summary
+    config = layer.config
+    rank = vkt.rank_of_real_tokens(mask, seen)  # (B, N)
+    far = (rank - (config.local_attention_window - 1) - config.sink_tokens).clamp(min=0)
+    logit = (query * keys).sum(-1) * query.shape[-1] ** -0.5  # (B, H, N)
+    logit = logit + torch.log1p(far.to(logit.dtype))[:, None] + layer.summary_bias.to(logit.dtype)[None, :, None]
+    return logit.masked_fill((far == 0)[:, None], float("-inf")), values
 
 
 def rope_positions(attention_mask: torch.Tensor | None, batch: int, length: int, past: int, device) -> torch.Tensor:
@@ -247,6 +306,8 @@ class VKTAttention(nn.Module):
             self.readout_gate = nn.Linear(hidden, 2 * heads, bias=True)  # per token & head: g_K, g_T
         if config.distance_decay:
             self.decay_logit = nn.Parameter(torch.empty(heads))  # gamma_h = sigmoid(decay_logit)
+        if config.readout and config.local_attention and config.global_readout == "window":
+            self.summary_bias = nn.Parameter(torch.empty(heads))  # b_h of the global slot in the window
         init_vkt_parameters(self)
 
     def _heads(self, x: torch.Tensor, heads: int, repeat: bool = True) -> torch.Tensor:

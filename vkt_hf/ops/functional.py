@@ -387,6 +387,7 @@ def sliding_window_attention(
     sink: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     sink_visible: torch.Tensor | None = None,
     scale: float | None = None,
+    summary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Exact causal softmax attention over the last ``window`` positions (the token itself
     included), plus optional sink keys/values that every query may attend to.
@@ -407,6 +408,8 @@ def sliding_window_attention(
         sink_visible: ``(B, N, s)`` bool, which sink slots each query may see (causality
             inside the first tokens); default: the filled ones.
         scale: logit scale, default ``d ** -0.5``.
+        summary: ``(logit (B, H, N), value (B, H, N, d))``: one more slot per query in the same
+            softmax (the VKT global read-out, see ``docs/method.md``); a ``-inf`` logit hides it.
 
     Returns:
         ``(B, H, N, d)`` (a query with no visible key gets zeros) and the new history: the last
@@ -455,14 +458,22 @@ def sliding_window_attention(
         visible = F.pad(visible, (0, 0, 0, pad)).view(batch, 1, 1, blocks - 1, window, s)
         sink_logits = (q @ sink_keys.to(q.dtype)[:, :, None, None].transpose(-1, -2)) * scale  # (B, Hk, G, b', n, s)
         logits = torch.cat([sink_logits.masked_fill(~visible, float("-inf")), logits], dim=-1)
+    if summary is not None:
+        blocked = F.pad(summary[0], (0, pad), value=float("-inf")).view(batch, kv_heads, group, blocks - 1, window)
+        logits = torch.cat([logits, blocked.unsqueeze(-1).to(logits.dtype)], dim=-1)
     top = logits.amax(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)  # -inf rows -> finite
     weights = (logits - top).exp()
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).tiny)
+    first = 0
+    out = 0
     if sink is not None:
         sink_values = sink[1].masked_fill(~sink[2][:, None, :, None], 0).to(q.dtype)
-        out = weights[..., :s] @ sink_values[:, :, None, None] + weights[..., s:] @ v2.unsqueeze(2)
-    else:
-        out = weights @ v2.unsqueeze(2)  # (B, Hk, G, b', n, d)
+        out = weights[..., :s] @ sink_values[:, :, None, None]
+        first = s
+    out = out + weights[..., first : first + 2 * window] @ v2.unsqueeze(2)  # (B, Hk, G, b', n, d)
+    if summary is not None:
+        value = F.pad(summary[1], (0, 0, 0, pad)).view(batch, kv_heads, group, blocks - 1, window, dim)
+        out = out + weights[..., -1:] * value.to(out.dtype)
     return out.reshape(batch, heads, (blocks - 1) * window, dim)[:, :, :length], new_history
 
 

@@ -79,6 +79,8 @@ def validate_vkt_options(config: Any) -> None:
     sinks = config.sink_tokens
     if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
         raise ValueError(f"`sink_tokens` must be an integer >= 0, got {sinks!r}")
+    if config.global_readout not in ("window", "add"):
+        raise ValueError(f"`global_readout` must be 'window' or 'add', got {config.global_readout!r}")
     if not (config.vkt_terms or config.local_attention):
         raise ValueError("`vkt_terms=False` needs `local_attention=True` (the layer would mix nothing)")
     if config.local_attention and not config.causal:
@@ -120,6 +122,11 @@ class VKTConfig(PretrainedConfig):
         local_attention_window (`int`, *optional*, defaults to 64): tokens the softmax window sees.
         sink_tokens (`int`, *optional*, defaults to 1): first real tokens every query may attend to
             (kept in the decoding state); 0 turns the sink off.
+        global_readout (`str`, *optional*, defaults to `"window"`): how the read-out's global mean of
+            values joins the local attention window: `"window"`, as one more slot of the window's
+            softmax whose logit is the query against the global mean key (plus the log of the number
+            of far tokens and a learned per-head bias), or `"add"`, added with its gate ``gK``.
+            Without the window it is always added.
         vkt_terms (`bool`, *optional*, defaults to `True`): compute the VKT terms (the scalar
             attention ``a U`` and the read-out); `False` leaves the local attention window alone, the
             window + sink baseline of the quality measurements (and an evaluation-time switch).
@@ -179,6 +186,7 @@ class VKTConfig(PretrainedConfig):
         local_attention_window: int = 64,
         sink_tokens: int = 1,
         local_attention_rope: bool = True,
+        global_readout: str = "window",
         vkt_terms: bool = True,
         local_window: int = 16,
         eps: float = 1e-3,
@@ -234,6 +242,7 @@ class VKTConfig(PretrainedConfig):
         self.local_attention_window = local_attention_window
         self.sink_tokens = sink_tokens
         self.local_attention_rope = local_attention_rope
+        self.global_readout = global_readout
         self.vkt_terms = vkt_terms
         self.local_window = local_window
         self.eps = eps
