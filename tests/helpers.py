@@ -20,6 +20,7 @@ from transformers import (
 
 import vkt_hf
 from vkt_hf.ops import functional
+from vkt_hf.utils import CACHE_FIELD
 
 # ------------------------------------------------------------------------------------ native VKT models
 
@@ -72,6 +73,23 @@ def randomize_zero_initialised(model: torch.nn.Module) -> None:
     for name, param in model.named_parameters():
         if "null_" in name or "readout_gate" in name:
             param.normal_(0.0, 0.5)
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """One forward without a cache."""
+    with torch.no_grad():
+        return model(ids, use_cache=False, **kwargs).logits
+
+
+def run_in_chunks(model: torch.nn.Module, ids: torch.Tensor, bounds: list[int]):
+    """Logits of ``ids`` fed in the chunks ``bounds[k]:bounds[k+1]``, carrying the cache, and the cache."""
+    cache, outputs = None, []
+    with torch.no_grad():
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            out = model(ids[:, start:end], use_cache=True, **{CACHE_FIELD: cache})
+            cache = getattr(out, CACHE_FIELD)
+            outputs.append(out.logits)
+    return torch.cat(outputs, dim=1), cache
 
 
 # ------------------------------------------------------------------------------- converted checkpoints
