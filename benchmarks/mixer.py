@@ -5,10 +5,10 @@ H=9, d=64, 3 KV heads), sequence length ``N``. Methods:
 
 * ``vkt_layer``: the whole ``VKTAttention`` layer (projections included), default preset.
 * ``vkt_core``: the VKT mixing after the projections (importance, both context sums, scalar
-  attention, gating and read-out) on given Q, K, V, in chunks of 4096 tokens like the layer;
-  ``vkt_core_ref`` is the same on the reference ops (``vkt_hf.ops.functional``) and
-  ``vkt_core_fused`` on the blocked PyTorch path (``vkt_core`` itself picks the backend:
-  ``fused`` on CPU, ``triton`` on CUDA).
+  attention, gating and read-out) on given Q, K, V, in chunks of 4096 tokens like the layer:
+  the layer's own ``mix`` function; ``vkt_core_ref`` is the same on the reference ops
+  (``vkt_hf.ops.functional``) and ``vkt_core_fused`` on the blocked PyTorch path (``vkt_core``
+  picks the backend as ``auto`` does: ``fused`` on CPU for long inputs, ``reference`` on CUDA).
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)``.
 * ``eager``: ``softmax(QK^T / sqrt(d) + causal mask) V`` written out (O(N^2) memory).
 * ``none``: no mixing (returns V) — the floor; ``copy``: ``clone()`` of Q, K and V (bandwidth).
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import machine_info, median, peak_rss_bytes, rss_bytes, sync, time_call, write_json  # noqa: E402
 
 import vkt_hf  # noqa: E402
-from vkt_hf import ops  # noqa: E402
+from vkt_hf.layers.vkt_attention import Projections, mix  # noqa: E402
 from vkt_hf.ops import functional as vkt  # noqa: E402
 
 METHODS = ("vkt_core", "vkt_layer", "vkt_core_ref", "vkt_core_fused", "sdpa", "eager", "none", "copy")
@@ -61,30 +61,21 @@ def _layer(heads: int, kv_heads: int, dim: int, device: str) -> vkt_hf.VKTAttent
 
 
 def vkt_core(q, k, v, gates, layer, backend: str | None) -> torch.Tensor:
-    """The VKT mixing of ``layer``'s default preset on given ``q`` ``(B, H, N, d)``, ``k``, ``v``.
+    """The layer's own mixing step (:func:`vkt_hf.layers.vkt_attention.mix`, default preset) on given
+    ``q`` ``(B, H, N, d)``, ``k``, ``v``: everything after the projections.
 
     ``gates`` ``(2, B, H, N)`` are the read-out gates. Chunks of 4096 tokens carry the state,
     exactly as ``VKTAttention.forward`` does. Returns the mixed heads ``(B, H, N, d)``.
     """
-    d = q.shape[-1]
-    null = torch.cat([layer.null_context, layer.null_value], dim=-1)  # (H, 2d)
-    ld = layer.log_decay()
+    layer.config.vkt_backend = backend or "auto"
+    scores = vkt.importance_scores(q, layer.importance)  # s: (B, H, N)
+    proj = Projections(query=q, scores=scores, context=k, gated=v, values=v, gates=gates)
     mask = torch.ones(q.shape[0], q.shape[2], device=q.device)
     out = torch.empty_like(q)
-    g_state = l_state = None
+    state = None
     for a in range(0, q.shape[2], CHUNK):
         b = min(a + CHUNK, q.shape[2])
-        qc, kc, vc, m = q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], mask[:, a:b]
-        scores = vkt.importance_scores(qc, layer.importance)  # (B, H, n)
-        weights = vkt.context_weights(scores, "importance")
-        stream = torch.cat([kc, vc], dim=-1)  # (B, H, n, 2d)
-        g, g_state = ops.global_context(stream, weights, m, null, ld, state=g_state, backend=backend)
-        t, l_state = ops.local_context(stream, m, null, layer.local_window, state=l_state, backend=backend)
-        att = vkt.scalar_attention(scores, g[..., :d], t[..., :d], layer.config.eps, layer.config.normalization)
-        mixed = (
-            att.unsqueeze(-1) * vc + gates[0, :, :, a:b, None] * g[..., d:] + gates[1, :, :, a:b, None] * t[..., d:]
-        )
-        out[:, :, a:b] = mixed
+        out[:, :, a:b], _, state = mix(proj.chunk(a, b), mask[:, a:b], state, layer)
     return out
 
 

@@ -95,8 +95,8 @@ def test_card_carries_the_ablation_table_and_plot(run_dir, tmp_path):
     written = write_model_card(run_dir, out=tmp_path / "cards", ablation=path)
     card = written.read_text()
     assert "| default | 2.625 ± 0.050 | 0.75 |" in card
-    assert f"![ablation]({written.stem}_assets/ablation.png)" in card
-    assert (written.parent / f"{written.stem}_assets" / "ablation.png").exists()
+    assert "![ablation](../docs/ablation.png)" in card  # linked where it is, not copied
+    assert not (written.parent / f"{written.stem}_assets" / "ablation.png").exists()
     with pytest.raises(FileNotFoundError, match="ablate"):
         write_model_card(run_dir, ablation=tmp_path / "missing.json")
 

@@ -12,6 +12,7 @@ any card; nothing is fetched. Plots found in the run are embedded by relative pa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,8 @@ def write_model_card(
             with the plots copied to ``<out>/<name>_assets/``; a ``.md`` path -> that file.
         name: card name (default: the run's name).
         ablation: an ablation JSON (``docs/ablation.json``, from ``recipes/ablate.py``) whose table
-            and plot (the ``.png`` beside it) go into the card.
+            and plot (the ``.png`` beside it) go into the card. The plot is linked where it is
+            (by relative path), not copied: the repository keeps one copy of it.
 
     Returns:
         The path of the card written.
@@ -230,14 +232,14 @@ def write_model_card(
     if name:
         run["name"] = name
     plot_files = sorted(run_dir.glob("*.png")) + sorted(run_dir.glob("eval/*.png"))
-    ablation_data = None
+    ablation_data, ablation_plot = None, None
     if ablation is not None:
         ablation = Path(ablation)
         if not ablation.is_file():
             raise FileNotFoundError(f"{ablation}: no ablation JSON there (run recipes/ablate.py first)")
         ablation_data = json.loads(ablation.read_text())
         if ablation.with_suffix(".png").is_file():
-            plot_files.append(ablation.with_suffix(".png"))
+            ablation_plot = ablation.with_suffix(".png").resolve()
     if out is None:
         target = run_dir / "README.md"
     else:
@@ -254,6 +256,8 @@ def write_model_card(
             assets.mkdir(exist_ok=True)
             shutil.copy2(p, assets / p.name)
             plots.append(f"{assets.name}/{p.name}")
+    if ablation_plot is not None:
+        plots.append(Path(os.path.relpath(ablation_plot, target.parent.resolve())).as_posix())
     text = f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run, plots, ablation_data)}"
     target.write_text(text, encoding="utf-8")
     if out is None and (run_dir / "model").is_dir():
