@@ -73,7 +73,7 @@ def test_fused_backward_matches_reference(decay, padded):
 
 
 def test_fused_chunked_equals_whole():
-    """Rule 4 on the fast path: any split, carrying the state, gives the one-pass result."""
+    """Chunked = whole on the fast path: any split, carrying the state, gives the one-pass result."""
     stream, weights, mask, null, ld, _, _ = op_inputs(1, 2, 900, 8, True, False, 7)
     whole_k, _ = fused.global_context(stream, weights, mask, null, ld)
     whole_t, _ = fused.local_context(stream, mask, null, 7)

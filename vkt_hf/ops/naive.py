@@ -138,6 +138,15 @@ def local_context(
     return context, (vectors[..., -window:, :], torch.cat([state[1].to(mask.dtype), mask], dim=-1)[..., -window:])
 
 
+# the smooth normalizations, one formula each
+_SMOOTH = {
+    "softsign": lambda a: a / (1 + a.abs()),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "none": lambda a: a,
+}
+
+
 def normalize(a: torch.Tensor, normalization: str) -> torch.Tensor:
     """One ratio to a scalar attention. ``decimal``: move the decimal point left until ``|a| < 1``."""
     if normalization == "decimal":
@@ -145,15 +154,9 @@ def normalize(a: torch.Tensor, normalization: str) -> torch.Tensor:
         while math.isfinite(a.item()) and abs(a.item()) >= 10.0**shifts:
             shifts += 1  # 347 -> 0.347 (3 shifts), 0.5 -> 0.5 (none)
         return a / 10.0**shifts
-    if normalization == "softsign":
-        return a / (1 + a.abs())
-    if normalization == "sigmoid":
-        return torch.sigmoid(a)
-    if normalization == "tanh":
-        return torch.tanh(a)
-    if normalization == "none":
-        return a
-    raise ValueError(f"unknown normalization {normalization!r}")
+    if normalization not in _SMOOTH:
+        raise ValueError(f"unknown normalization {normalization!r}")
+    return _SMOOTH[normalization](a)
 
 
 def scalar_attention(
