@@ -1,14 +1,12 @@
 """The exact local attention window with its sink (``local_attention=True``).
 
-Checked against a per-token loop (the window's definition, written out), and for the spec's
-rules: causality, chunked = whole, cached decoding = one forward, padding is not context,
+Checked against the per-token loop of :mod:`vkt_hf.ops.naive` (the window's definition, written
+out), and for the rules every VKT path keeps: causality, chunked = whole, cached decoding = one forward, padding is not context,
 constant decoding state, and, on a converted Llama whose window covers the whole input, the
 pretrained model's own outputs.
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -16,27 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import vkt_hf
 from vkt_hf.ops import functional as vkt
-
-
-def loop_window_attention(q, k, v, mask, window, sinks, summary=None):
-    """Per query: softmax over the real keys among the last ``window`` positions and the first ``sinks`` real
-    tokens, and the ``summary`` slot (logit, value) when given."""
-    batch, heads, length, dim = q.shape
-    group = heads // k.shape[1]
-    out = torch.zeros_like(q)
-    for b in range(batch):
-        real = [j for j in range(length) if mask[b, j]]
-        rank = {j: r for r, j in enumerate(real)}
-        for i in real:
-            keys = [j for j in real if j <= i and (j > i - window or rank[j] < sinks)]
-            for h in range(heads):
-                kk, vv = k[b, h // group, keys], v[b, h // group, keys]
-                logits = kk @ q[b, h, i] / math.sqrt(dim)
-                if summary is not None:
-                    logits = torch.cat([logits, summary[0][b, h, i : i + 1]])
-                    vv = torch.cat([vv, summary[1][b, h, i : i + 1]])
-                out[b, h, i] = torch.softmax(logits, 0) @ vv
-    return out
+from vkt_hf.ops import naive
 
 
 def run_window(q, k, v, mask, window, sinks, splits=None):
@@ -80,7 +58,7 @@ def test_window_matches_loop_definition(window, sinks, splits):
     mask = torch.ones(batch, length, dtype=torch.bool)
     mask[1, :5] = False  # left padding
     out = run_window(q, k, v, mask, window, sinks, splits)
-    ref = loop_window_attention(q, k, v, mask, window, sinks)
+    ref = naive.sliding_window_attention(q, k, v, mask, window, sinks)
     real = mask[:, None, :, None].expand_as(out)
     torch.testing.assert_close(out[real], ref[real], rtol=1e-10, atol=1e-10)
 
@@ -96,7 +74,9 @@ def test_summary_slot_shares_the_softmax():
     summary = (logit, torch.randn(batch, heads, length, dim, dtype=torch.float64))
     mask = torch.ones(batch, length, dtype=torch.bool)
     out, _ = vkt.sliding_window_attention(q, k, v, mask, 4, summary=summary)
-    torch.testing.assert_close(out, loop_window_attention(q, k, v, mask, 4, 0, summary), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        out, naive.sliding_window_attention(q, k, v, mask, 4, 0, summary), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_padding_holds_nan_without_leaking():

@@ -5,7 +5,7 @@ and returns plain tensors, so it can be tested on its own and reused by the
 layer, the fast paths and the benchmarks. Layout is ``(batch, heads, tokens,
 dim)`` = ``(B, H, N, d)`` throughout.
 
-For token ``i`` of head ``h`` (see ``docs/method.md`` and ``VKT_SPEC.md``)::
+For token ``i`` of head ``h`` (see ``docs/method.md``)::
 
     s_i = Q_i . V                                  importance score
     K_i = sum_{j in P(i)} w_ij R_j / sum w_ij       global context (weighted mean)
@@ -27,8 +27,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..constants import NORMALIZATIONS
+
 Normalization = Literal["decimal", "softsign", "sigmoid", "tanh", "none"]
-NORMALIZATIONS: tuple[str, ...] = ("decimal", "softsign", "sigmoid", "tanh", "none")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

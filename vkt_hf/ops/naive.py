@@ -176,3 +176,37 @@ def scalar_attention(
                 den = den.clamp(min=eps) if den >= 0 else den.clamp(max=-eps)
                 out.append(normalize(scores[b, h, i].to(_F64) / den, normalization))
     return torch.stack(out).view(batch, heads, length)
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    window: int,
+    sinks: int,
+    summary: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The local attention window of :func:`.functional.sliding_window_attention`, one query at a time.
+
+    Query ``i`` (a real token) attends with softmax to the real tokens ``j <= i`` that are among the
+    last ``window`` positions or among the first ``sinks`` real tokens, and to the ``summary`` slot
+    ``(logit (B, H, N), value (B, H, N, d))`` when given. ``q`` ``(B, H, N, d)``, ``k`` / ``v``
+    ``(B, Hk, N, d)``, ``mask`` ``(B, N)``. Padded queries get zeros.
+    """
+    batch, heads, length, dim = q.shape
+    group = heads // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        real = [j for j in range(length) if mask[b, j]]
+        rank = {j: r for r, j in enumerate(real)}
+        for i in real:
+            keys = [j for j in real if j <= i and (j > i - window or rank[j] < sinks)]
+            for h in range(heads):
+                kk, vv = k[b, h // group, keys], v[b, h // group, keys]
+                logits = kk @ q[b, h, i] / math.sqrt(dim)
+                if summary is not None:
+                    logits = torch.cat([logits, summary[0][b, h, i : i + 1]])
+                    vv = torch.cat([vv, summary[1][b, h, i : i + 1]])
+                out[b, h, i] = torch.softmax(logits, 0) @ vv
+    return out

@@ -87,6 +87,18 @@ def validate_vkt_options(config: Any) -> None:
         raise ValueError("`local_attention=True` needs `causal=True` (the window is causal softmax attention)")
 
 
+def _default_head_dim(hidden_size: Any, num_attention_heads: Any) -> int:
+    """``hidden_size // num_attention_heads``, with a clear error when it is not a whole number."""
+    if not isinstance(num_attention_heads, int) or num_attention_heads < 1:
+        raise ValueError(f"`num_attention_heads` must be an integer >= 1, got {num_attention_heads!r}")
+    if hidden_size % num_attention_heads != 0:
+        raise ValueError(
+            f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` "
+            f"({num_attention_heads}), or give `head_dim` explicitly"
+        )
+    return hidden_size // num_attention_heads
+
+
 class VKTConfig(PretrainedConfig):
     r"""Configuration of a [`VKTModel`] / [`VKTForCausalLM`]: pre-norm decoder blocks whose token
     mixer is VKT-Attention (optionally softmax attention or no mixing in chosen layers), each
@@ -216,16 +228,7 @@ class VKTConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
-        if head_dim is None:
-            if not isinstance(num_attention_heads, int) or num_attention_heads < 1:
-                raise ValueError(f"`num_attention_heads` must be an integer >= 1, got {num_attention_heads!r}")
-            if hidden_size % num_attention_heads != 0:
-                raise ValueError(
-                    f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` "
-                    f"({num_attention_heads}), or give `head_dim` explicitly"
-                )
-            head_dim = hidden_size // num_attention_heads
-        self.head_dim = head_dim
+        self.head_dim = _default_head_dim(hidden_size, num_attention_heads) if head_dim is None else head_dim
         self.preset = preset
         given = dict(
             normalization=normalization,
