@@ -3,7 +3,7 @@
 
 * Stage 1, attention transfer (``mode: distill``): each VKT layer, fed the original attention's
   input, learns to reproduce its output (MSE per layer, logged as ``mse_layer_<i>``); only the
-  new VKT parameters train, at a high learning rate.
+  new VKT parameters train.
 * Stage 2, end to end (``mode: finetune``): the whole converted model on next-token prediction
   mixed with the KL divergence to the original model's logits (``kd_weight``, ``kd_temperature``),
   LoRA or full fine-tuning, the new VKT parameters training too (``train_vkt_params``).
