@@ -17,12 +17,18 @@ All sums are accumulated in float32 (or float64 when the inputs are float64),
 whatever the dtype of the inputs. The local sum never subtracts two long
 prefix sums (which loses all precision after ~1M float32 additions): it adds a
 within-block prefix and a within-block suffix of at most ``n`` terms each.
+
+Non-finite values: padded positions are *selected* out, never multiplied by 0
+(``0 * NaN = NaN``), so they may hold anything; a non-finite real token reaches
+only the tokens after it (never the past); the global mean is summed with its
+weights divided by their largest value, and its carried state is a mean and a
+weight total, so finite inputs give finite means however large they are.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +95,24 @@ def decayed_cumsum(
     """
     if chunk_size < 2:
         raise ValueError(f"chunk_size must be >= 2, got {chunk_size}")
+    finite = torch.isfinite(x)
+    if not _all(finite):
+        # a non-finite x_s reaches every y_t, t >= s (gamma^(t-s) * inf = inf), and nothing before it: the
+        # matrix products below would multiply it by the 0 above the diagonal (0 * inf = NaN) into the past
+        bad = torch.where(finite, torch.zeros_like(x), x).cumsum(-2)
+        return _decayed_cumsum(torch.where(finite, x, 0), log_decay, initial, chunk_size) + bad
+    return _decayed_cumsum(x, log_decay, initial, chunk_size)
+
+
+def _all(flags: torch.Tensor) -> bool:
+    """``flags.all()``, assumed ``False`` on CUDA (no host sync: the caller then takes the general path)."""
+    return False if flags.is_cuda else bool(flags.all())
+
+
+def _decayed_cumsum(
+    x: torch.Tensor, log_decay: torch.Tensor | None, initial: torch.Tensor | None, chunk_size: int
+) -> torch.Tensor:
+    """:func:`decayed_cumsum` of a finite ``x``."""
     if log_decay is None:
         y = x.cumsum(dim=-2)
         return y if initial is None else y + initial.unsqueeze(-2)
@@ -110,9 +134,9 @@ def decayed_cumsum(
     chunks = total // chunk_size
     xc = x.reshape(*lead, chunks, chunk_size, dim)  # (B, H, c, C, D)
     ldc = log_decay.reshape(*lead, chunks, chunk_size)  # (B, H, c, C)
-    intra = decayed_cumsum(xc, ldc, None, chunk_size)  # each chunk from a zero state
+    intra = _decayed_cumsum(xc, ldc, None, chunk_size)  # each chunk from a zero state
     # state after each chunk: s_c = exp(sum ld in chunk c) * s_{c-1} + intra[c, -1]
-    after = decayed_cumsum(intra[..., -1, :], ldc.sum(-1), initial, chunk_size)  # (B, H, c, D)
+    after = _decayed_cumsum(intra[..., -1, :], ldc.sum(-1), initial, chunk_size)  # (B, H, c, D)
     before = torch.cat([_zeros_or(initial, after[..., :1, :]), after[..., :-1, :]], dim=-2)
     y = intra + ldc.cumsum(-1).exp().unsqueeze(-1) * before.unsqueeze(-2)
     return y.reshape(*lead, total, dim)[..., :n, :]
@@ -168,13 +192,18 @@ def decimal_normalize(a: torch.Tensor) -> torch.Tensor:
     the gradient is ``1 / 10^k``. Examples: 347 -> 0.347, 9.99 -> 0.999, 0.5 -> 0.5,
     -42 -> -0.42.
     """
-    magnitude = a.detach().abs()
+    # the exponent is found in float64, where 10^k is exact up to 10^22 (in float32, 10^11 rounds
+    # below itself), and corrected both ways: log10 rounds near a power of ten, so log10(1000) may
+    # come out as 2.9999999 (one shift short) and log10(999.99994) as 3.0 (one too many)
+    magnitude = a.detach().abs().double()
     exponent = (torch.floor(torch.log10(magnitude)) + 1).clamp(min=0)
     exponent = torch.nan_to_num(exponent, nan=0.0, posinf=0.0, neginf=0.0)
-    scale = torch.pow(10.0, exponent)
-    # log10 rounding can leave |a / 10^k| == 1.0 (a = 1000 -> 2.9999999): one more shift
-    scale = torch.where(magnitude >= scale, scale * 10.0, scale)
-    return a / scale
+    exponent = torch.where((exponent > 0) & (magnitude < torch.pow(10.0, exponent - 1)), exponent - 1, exponent)
+    exponent = torch.where(magnitude >= torch.pow(10.0, exponent), exponent + 1, exponent)
+    shifted = (a.double() / torch.pow(10.0, exponent)).to(a.dtype)
+    # |a| < 10^k, but a / 10^k may still round to 1.0 in a's dtype: the largest value below 1 then
+    below_one = torch.nextafter(torch.ones((), dtype=a.dtype), torch.zeros((), dtype=a.dtype)).item()
+    return torch.where(torch.isfinite(shifted), shifted.clamp(-below_one, below_one), shifted)
 
 
 def normalize(a: torch.Tensor, normalization: str) -> torch.Tensor:
@@ -210,8 +239,101 @@ def scalar_attention(
         ``(B, H, N)`` in the accumulation dtype.
     """
     acc = accumulation_dtype(scores.dtype)
-    denominator = (global_context.to(acc) * local_context.to(acc)).sum(-1)
-    return normalize(scores.to(acc) / guard(denominator, eps), normalization)
+    # K . T in float64: the products of two float32 numbers cannot overflow there, so contexts of
+    # any finite size give a finite (or, past float64's range, a saturated) ratio, never inf - inf
+    denominator = (global_context.double() * local_context.double()).sum(-1)
+    ratio = scores.double() / guard(denominator, eps)
+    finite = torch.finfo(acc).max  # a ratio beyond the accumulation dtype saturates there
+    return normalize(ratio.clamp(-finite, finite).to(acc), normalization)
+
+
+class GlobalInputs(NamedTuple):
+    """What every backend of :func:`global_context` starts from (see :func:`global_inputs`)."""
+
+    use: torch.Tensor  # (B, H, N) bool: real tokens with a finite vector and weight, the ones summed
+    weights: torch.Tensor  # (B, H, N) w_j / scale, 0 where not `use`
+    initial: torch.Tensor  # (B, H, D + 1) the starting sums (mean * total, total) / scale
+    start_mean: torch.Tensor  # (B, H, D) the starting mean (null context or carried state)
+    scale: torch.Tensor  # (B, H) the common scale of all weights (no gradient: the means do not depend on it)
+    bad: torch.Tensor  # (B, H, N) bool: real tokens with a non-finite vector or weight
+
+
+def global_inputs(
+    stream: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    null: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor] | None,
+    causal: bool,
+) -> GlobalInputs:
+    """The weights and starting sums of :func:`global_context`, scaled so no sum overflows.
+
+    A mean does not change when every weight is divided by one number, so the weights and the
+    starting total are divided by their largest value (per sequence and head): each weighted
+    vector ``w_j R_j / scale`` is then at most ``|R_j|``, and ``w R`` never overflows for finite
+    ``R``. Padded positions and real tokens whose vector or weight is not finite are selected
+    out (never multiplied by 0: ``0 * NaN = NaN``); the latter are returned as ``bad``.
+    """
+    if state is not None and not causal:
+        raise ValueError("a carried state is only defined for causal VKT layers")
+    acc = accumulation_dtype(stream.dtype)
+    batch, heads, _, dim = stream.shape
+    w = weights.to(acc)
+    finite = torch.isfinite(w) & torch.isfinite(stream).all(-1)  # (B, H, N)
+    real = (mask != 0)[:, None, :]  # (B, 1, N)
+    use = real & finite
+    if state is None:
+        start_mean = null.to(acc).expand(batch, heads, dim)
+        start_total = torch.ones(batch, heads, dtype=acc, device=stream.device)
+    else:
+        start_mean, start_total = state[0].to(acc), state[1].to(acc)
+    w = torch.where(use, w, 0)
+    peak = w.detach().amax(-1) if w.shape[-1] else torch.zeros_like(start_total)
+    scale = torch.maximum(start_total.detach(), peak).clamp(min=torch.finfo(acc).tiny)  # (B, H)
+    total = start_total / scale
+    initial = torch.cat([start_mean * total.unsqueeze(-1), total.unsqueeze(-1)], dim=-1)
+    return GlobalInputs(use, w / scale.unsqueeze(-1), initial, start_mean, scale, real & ~finite)
+
+
+def global_outputs(
+    context: torch.Tensor,
+    last: torch.Tensor,
+    inputs: GlobalInputs,
+    causal: bool = True,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``K`` and the new state, from what :func:`global_context`'s backends computed.
+
+    Args:
+        context: ``(B, H, N, D)`` the means ``K`` (:func:`weighted_mean` of the scaled sums).
+        last: ``(B, H, D + 1)`` the scaled sum and weight total a token after the last one sees.
+
+    A token that sees a ``bad`` token gets NaN (only tokens after it when causal, so a
+    non-finite token never reaches the past). The state is ``(weighted mean, weight total)``:
+    a mean cannot overflow where a sum of weighted vectors would.
+    """
+    dim = context.shape[-1]
+    mean = weighted_mean(last, inputs.start_mean)
+    total = last[..., dim] * inputs.scale
+    bad = inputs.bad
+    if not _all(~bad):
+        count = bad.sum(-1, keepdim=True)
+        sees = (bad.cumsum(-1) - bad.long() if causal else count - bad.long()) > 0  # (B, H, N)
+        context = context.masked_fill(sees.unsqueeze(-1), float("nan"))
+        mean = mean.masked_fill(count > 0, float("nan"))
+        total = total.masked_fill(count[..., 0] > 0, float("nan"))
+    return context, (mean, total)
+
+
+def weighted_mean(sums: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """``sums[..., :D] / sums[..., D]``, or ``fallback`` where the total is 0 (no NaN gradient either).
+
+    A total underflows to 0 only when every weight is tiny (a strong decay over many tokens of
+    weight ~0); the starting mean ``fallback`` is then the limit of the ratio.
+    """
+    dim = sums.shape[-1] - 1
+    total = sums[..., dim:]
+    positive = total > 0
+    return torch.where(positive, sums[..., :dim] / torch.where(positive, total, 1), fallback)
 
 
 def global_context(
@@ -230,7 +352,8 @@ def global_context(
     ``P(i) = {j < i}`` (causal) or ``{j != i}``. A learned *null context* token with weight 1
     sits just before the first real token (it decays like any token), so the first token
     has a defined context and ``K`` is always a proper mean. Distances count real tokens
-    only: padding neither contributes nor ages the others.
+    only: padding neither contributes nor ages the others. The sums are taken with every
+    weight divided by a common scale (:func:`global_inputs`), so they do not overflow.
 
     Args:
         stream: ``(B, H, N, D)`` the vectors ``R`` (possibly with value vectors concatenated).
@@ -239,38 +362,30 @@ def global_context(
         null: ``(H, D)`` the null context vector.
         log_decay: ``(H,)`` ``log(gamma_h)``, or ``None`` for no distance decay.
         causal: causal (``j < i``) or bidirectional (``j != i``).
-        state: ``(weighted_sum (B, H, D), weight_total (B, H))`` carried from the previous
+        state: ``(weighted_mean (B, H, D), weight_total (B, H))`` carried from the previous
             chunk (causal only); ``None`` starts from the null token.
 
     Returns:
-        ``K`` ``(B, H, N, D)`` and the new state (the sums including the last token).
+        ``K`` ``(B, H, N, D)`` and the new state (the mean and total including the last token).
     """
-    acc = accumulation_dtype(stream.dtype)
-    batch, heads, _, dim = stream.shape
-    mask = mask.to(acc)[:, None, :]  # (B, 1, N)
-    w = weights.to(acc) * mask  # (B, H, N)
-    x = torch.cat([stream.to(acc) * w.unsqueeze(-1), w.unsqueeze(-1)], dim=-1)  # (B, H, N, D + 1)
-    ld = None if log_decay is None else log_decay.to(acc)[None, :, None] * mask  # (B, H, N)
-    if state is None:
-        null_sum = null.to(acc).expand(batch, heads, dim)
-        initial = torch.cat([null_sum, null_sum.new_ones(batch, heads, 1)], dim=-1)  # (B, H, D + 1)
-    else:
-        if not causal:
-            raise ValueError("a carried state is only defined for causal VKT layers")
-        initial = torch.cat([state[0].to(acc), state[1].to(acc).unsqueeze(-1)], dim=-1)
-    inclusive = decayed_cumsum(x, ld, initial, chunk_size)  # (B, H, N, D + 1)
-    previous = torch.cat([initial.unsqueeze(-2), inclusive[..., :-1, :]], dim=-2)
+    inputs = global_inputs(stream, weights, mask, null, state, causal)
+    acc = inputs.weights.dtype
+    w = inputs.weights  # (B, H, N)
+    vectors = torch.where(inputs.use.unsqueeze(-1), stream.to(acc), 0)
+    x = torch.cat([vectors * w.unsqueeze(-1), w.unsqueeze(-1)], dim=-1)  # (B, H, N, D + 1)
+    ld = None if log_decay is None else log_decay.to(acc)[None, :, None] * (mask != 0).to(acc)[:, None, :]
+    inclusive = _decayed_cumsum(x, ld, inputs.initial, chunk_size)  # (B, H, N, D + 1)
+    previous = torch.cat([inputs.initial.unsqueeze(-2), inclusive[..., :-1, :]], dim=-2)[..., : x.shape[-2], :]
     exclusive = previous if ld is None else previous * ld.exp().unsqueeze(-1)  # tokens j < i
     if not causal:  # add the tokens after i, seen from the other side (no second null token)
         rev_x, rev_ld = x.flip(-2), None if ld is None else ld.flip(-1)
-        after = decayed_cumsum(rev_x, rev_ld, None, chunk_size)
+        after = _decayed_cumsum(rev_x, rev_ld, None, chunk_size)
         after = torch.cat([torch.zeros_like(after[..., :1, :]), after[..., :-1, :]], dim=-2)
         if rev_ld is not None:
             after = after * rev_ld.exp().unsqueeze(-1)
         exclusive = exclusive + after.flip(-2)
-    context = exclusive[..., :dim] / exclusive[..., dim:]
-    last = inclusive[..., -1, :]
-    return context, (last[..., :dim], last[..., dim])
+    last = inclusive[..., -1, :] if x.shape[-2] else inputs.initial
+    return global_outputs(weighted_mean(exclusive, inputs.start_mean.unsqueeze(-2)), last, inputs, causal)
 
 
 def local_context(
@@ -299,14 +414,12 @@ def local_context(
     """
     acc = accumulation_dtype(stream.dtype)
     batch, heads, _, dim = stream.shape
-    m = mask.to(acc)[:, None, :, None].expand(batch, heads, -1, 1)  # (B, H, N, 1)
-    x = torch.cat([stream.to(acc) * m, m], dim=-1)  # (B, H, N, D + 1): sums and counts
+    x = counted_vectors(stream.to(acc), mask, heads)  # (B, H, N, D + 1): sums and counts
     history = None
     if state is not None:
         if not causal:
             raise ValueError("a carried state is only defined for causal VKT layers")
-        hist_mask = state[1].to(acc)[:, None, :, None].expand(batch, heads, -1, 1)
-        history = torch.cat([state[0].to(acc) * hist_mask, hist_mask], dim=-1)
+        history = counted_vectors(state[0].to(acc), state[1], heads)
     sums = causal_window_sum(x, window, history)
     if not causal:
         sums = sums + causal_window_sum(x.flip(-2), window).flip(-2)
@@ -317,6 +430,13 @@ def local_context(
     last_vectors = torch.cat([prev[0].to(stream.dtype), stream], dim=-2)[..., -window:, :]
     last_mask = torch.cat([prev[1].to(mask.dtype), mask], dim=-1)[..., -window:]
     return context, (last_vectors, last_mask)
+
+
+def counted_vectors(vectors: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[R_j, 1]`` for real tokens and zeros for padding ``(B, H, N, D + 1)``: padding is selected
+    out, never multiplied by 0 (``0 * NaN = NaN``)."""
+    real = (mask != 0)[:, None, :, None].expand(-1, heads, -1, 1)  # (B, H, N, 1)
+    return torch.cat([torch.where(real, vectors, 0), real.to(vectors.dtype)], dim=-1)
 
 
 def decay_logit_init(num_heads: int) -> torch.Tensor:
@@ -366,8 +486,10 @@ def fill_sink(
     sink_keys, sink_values, filled = sink
     slots = torch.arange(filled.shape[-1], device=mask.device)
     select = (mask[:, :, None] & (rank[:, :, None] == slots)).to(keys.dtype)  # (B, N, s) one-hot per slot
-    safe_keys = keys.masked_fill(~mask[:, None, :, None], 0)  # padding may hold anything, even NaN
-    safe_values = values.masked_fill(~mask[:, None, :, None], 0)
+    # only sink tokens enter the product: padding and later tokens may hold anything, even NaN or inf
+    sinking = (mask & (rank < filled.shape[-1]))[:, None, :, None]
+    safe_keys = torch.where(sinking, keys, 0)
+    safe_values = torch.where(sinking, values, 0)
     new_keys = torch.einsum("bns,bhnd->bhsd", select, safe_keys)
     new_values = torch.einsum("bns,bhnd->bhsd", select, safe_values)
     keep = filled[:, None, :, None]
@@ -462,6 +584,8 @@ def sliding_window_attention(
     if summary is not None:
         blocked = F.pad(summary[0], (0, pad), value=float("-inf")).view(batch, kv_heads, group, blocks - 1, window)
         logits = torch.cat([logits, blocked.unsqueeze(-1).to(logits.dtype)], dim=-1)
+    # a logit past the dtype's range saturates there (+inf - +inf would be NaN in the softmax)
+    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
     top = logits.amax(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)  # -inf rows -> finite
     weights = (logits - top).exp()
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).tiny)
@@ -469,13 +593,28 @@ def sliding_window_attention(
     out = 0
     if sink is not None:
         sink_values = sink[1].masked_fill(~sink[2][:, None, :, None], 0).to(q.dtype)
-        out = weights[..., :s] @ sink_values[:, :, None, None]
+        out = _attend(weights[..., :s], sink_values[:, :, None, None])
         first = s
-    out = out + weights[..., first : first + 2 * window] @ v2.unsqueeze(2)  # (B, Hk, G, b', n, d)
+    out = out + _attend(weights[..., first : first + 2 * window], v2.unsqueeze(2))  # (B, Hk, G, b', n, d)
     if summary is not None:
         value = F.pad(summary[1], (0, 0, 0, pad)).view(batch, kv_heads, group, blocks - 1, window, dim)
         out = out + weights[..., -1:] * value.to(out.dtype)
     return out.reshape(batch, heads, (blocks - 1) * window, dim)[:, :, :length], new_history
+
+
+def _attend(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``weights @ values``, where a non-finite value reaches only the queries that give it weight.
+
+    A key outside a query's window (a later token of the same block) has weight exactly 0, and
+    ``0 * inf = NaN`` would carry a non-finite value to earlier queries: such values are set
+    to 0 in the product, and the queries that do weigh them get NaN.
+    """
+    finite = torch.isfinite(values).all(-1)  # (..., keys)
+    if _all(finite):
+        return weights @ values
+    out = weights @ torch.where(finite.unsqueeze(-1), values, 0)
+    sees = ((weights != 0) & ~finite.unsqueeze(-2)).any(-1, keepdim=True)  # (..., queries, 1)
+    return out.masked_fill(sees, float("nan"))
 
 
 def rotary_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,37 +134,38 @@ def global_context(
     :data:`CHUNK`. Falls back to the reference for bidirectional mixers and for padded inputs
     with a distance decay (there the decay depends on the token).
     """
-    acc = ref.accumulation_dtype(stream.dtype)
     if not causal or (log_decay is not None and not bool((mask != 0).all())):
         return ref.global_context(stream, weights, mask, null, log_decay, causal, state, chunk_size)
+    inputs = ref.global_inputs(stream, weights, mask, null, state, causal)
+    w, acc = inputs.weights, inputs.weights.dtype  # (B, H, N), scaled
     batch, heads, length, dim = stream.shape
     ld = torch.zeros(heads, dtype=acc, device=stream.device) if log_decay is None else log_decay.to(acc)
-    w = weights.to(acc) * mask.to(acc)[:, None, :]  # (B, H, N)
-    if state is None:
-        null_sum = null.to(acc).expand(batch, heads, dim)
-        carry = torch.cat([null_sum, null_sum.new_ones(batch, heads, 1)], dim=-1)  # (B, H, D+1)
-    else:
-        carry = torch.cat([state[0].to(acc), state[1].to(acc).unsqueeze(-1)], dim=-1)
+    carry = inputs.initial  # (B, H, D+1)
+    clean = bool(inputs.use.all())  # no padding, nothing non-finite: the vectors are used as they are
     # without autograd the blocks are written into one preallocated output (no temporaries)
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (stream, w, ld, carry))
     out = None if tracked else torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
+    start = inputs.start_mean.unsqueeze(-2)  # (B, H, 1, D)
     pieces, mats = [], {}
     for begin in range(0, length, block):
         end = min(begin + block, length)
         wb = w[:, :, begin:end, None]  # (B, H, L, 1)
+        vectors = stream[:, :, begin:end]
+        if not clean:
+            vectors = torch.where(inputs.use[:, :, begin:end, None], vectors.to(acc), 0)
         if out is None:
-            x = torch.cat([stream[:, :, begin:end].to(acc) * wb, wb], dim=-1)  # (B, H, L, D+1)
+            x = torch.cat([vectors.to(acc) * wb, wb], dim=-1)  # (B, H, L, D+1)
         else:  # the same without the temporary product
             x = torch.empty(batch, heads, end - begin, dim + 1, dtype=acc, device=stream.device)
-            torch.mul(stream[:, :, begin:end], wb, out=x[..., :dim])
+            torch.mul(vectors, wb, out=x[..., :dim])
             x[..., dim:] = wb
         excl, carry = _global_block(x, ld, carry, CHUNK, mats)
         if out is None:
-            pieces.append(excl[..., :dim] / excl[..., dim:])  # (B, H, L, D)
+            pieces.append(ref.weighted_mean(excl, start))  # (B, H, L, D)
         else:
-            torch.div(excl[..., :dim], excl[..., dim:], out=out[:, :, begin:end])
+            out[:, :, begin:end] = ref.weighted_mean(excl, start)
     context = out if out is not None else torch.cat(pieces, dim=-2)
-    return context, (carry[..., :dim], carry[..., dim])
+    return ref.global_outputs(context, carry, inputs, causal)
 
 
 def window_sums(ext: torch.Tensor, window: int) -> torch.Tensor:
@@ -205,12 +206,12 @@ def local_context(
     acc = ref.accumulation_dtype(stream.dtype)
     batch, heads, length, dim = stream.shape
     full = bool((mask != 0).all())
-    m = mask.to(acc)[:, None, :, None].expand(batch, heads, -1, 1)  # (B, H, N, 1)
+    real = (mask != 0)[:, None, :, None].expand(batch, heads, -1, 1)  # (B, H, N, 1)
+    m = real.to(acc)
     if state is None:
         hist = stream.new_zeros(batch, heads, window, dim + 1, dtype=acc)
     else:
-        hm = state[1].to(acc)[:, None, :, None].expand(batch, heads, -1, 1)
-        hist = torch.cat([state[0].to(acc) * hm, hm], dim=-1)  # (B, H, n, D+1)
+        hist = ref.counted_vectors(state[0].to(acc), state[1], heads)  # (B, H, n, D+1)
     block = max(block, window)
     null_acc = null.to(acc)[None, :, None, :]  # (1, H, 1, D)
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (stream, null, hist))
@@ -220,7 +221,7 @@ def local_context(
         end = min(begin + block, length)
         xs = stream[:, :, begin:end].to(acc)
         mb = m[:, :, begin:end]
-        x = torch.cat([xs if full else xs * mb, mb], dim=-1)  # (B, H, L, D+1): sums and counts
+        x = torch.cat([xs if full else torch.where(real[:, :, begin:end], xs, 0), mb], dim=-1)  # sums, counts
         ext = torch.cat([hist, x], dim=-2)  # (B, H, n + L, D+1)
         sums = window_sums(ext[..., :-1, :], window)  # (B, H, L, D+1): rows i-n .. i-1
         hist = ext[..., -window:, :]

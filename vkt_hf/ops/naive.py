@@ -60,10 +60,11 @@ def global_context(
 
     ``K_i = (f_i0 c + sum_{j in P(i)} f_ij w_j R_j) / (f_i0 + sum_{j in P(i)} f_ij w_j)`` with
     ``P(i)`` the real tokens ``j < i`` (causal) or ``j != i`` (bidirectional), ``f_ij = g^d(i, j)``
-    and ``f_i0 = g^d(i, -1)`` the weight of the null token ``c`` (or, with a carried ``state``,
-    of the sums carried from the previous chunk). The new state is what a token after the
-    last one would see before its own step: ``sum_j g^(real tokens after j) w_j R_j`` (plus the
-    decayed start) and the matching sum of weights. ``chunk_size`` is ignored (no chunks here).
+    and ``f_i0 = g^d(i, -1)`` the weight of the null token ``c`` (or, with a carried ``state``
+    ``(mean m, total W)``, of the sums ``(W m, W)`` carried from the previous chunk). The new
+    state is what a token after the last one would see before its own step: the weighted mean
+    of ``sum_j g^(real tokens after j) w_j R_j`` (plus the decayed start) and the matching sum
+    of weights. Padded positions are skipped (whatever they hold). ``chunk_size`` is ignored.
 
     Shapes as in :func:`vkt_hf.ops.functional.global_context`.
     """
@@ -75,15 +76,15 @@ def global_context(
     contexts, sums, totals = [], [], []
     for b in range(batch):
         for h in range(heads):
-            start_sum = null[h].to(_F64) if state is None else state[0][b, h].to(_F64)
             start_total = torch.ones((), dtype=_F64) if state is None else state[1][b, h].to(_F64)
-            weight = [weights[b, h, j].to(_F64) * real[b, j] for j in range(length)]
+            start_sum = null[h].to(_F64) if state is None else state[0][b, h].to(_F64) * start_total
+            weight = [weights[b, h, j].to(_F64) for j in range(length)]
             vector = [stream[b, h, j].to(_F64) for j in range(length)]
             for i in range(length):
                 f0 = torch.exp(log_g[h] * _distance(real[b], i, -1))
                 num, den = f0 * start_sum, f0 * start_total
                 for j in range(length):
-                    if j == i or (causal and j > i):
+                    if j == i or (causal and j > i) or not real[b, j]:
                         continue
                     f = torch.exp(log_g[h] * _distance(real[b], i, j)) * weight[j]
                     num, den = num + f * vector[j], den + f
@@ -92,9 +93,10 @@ def global_context(
             num = torch.exp(log_g[h] * real[b].sum()) * start_sum
             den = torch.exp(log_g[h] * real[b].sum()) * start_total
             for j in range(length):
-                f = torch.exp(log_g[h] * real[b, j + 1 :].sum()) * weight[j]
-                num, den = num + f * vector[j], den + f
-            sums.append(num)
+                if real[b, j]:
+                    f = torch.exp(log_g[h] * real[b, j + 1 :].sum()) * weight[j]
+                    num, den = num + f * vector[j], den + f
+            sums.append(num / den)
             totals.append(den)
     context = torch.stack(contexts).view(batch, heads, length, dim)
     return context, (torch.stack(sums).view(batch, heads, dim), torch.stack(totals).view(batch, heads))

@@ -48,7 +48,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _global_kernel(
-        S, W, M, LD, INIT, INITW, OUT, OUTS, OUTW,
+        S, W, M, LD, INIT, INITW, MEAN0, OUT, OUTS, OUTW,
         N, H, D,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -62,6 +62,7 @@ if HAS_TRITON:
         ld = tl.load(LD + h)
         state = tl.load(INIT + bh * D + offs_d, mask=dmask, other=0.0)  # (BD,)
         state_w = tl.load(INITW + bh)
+        mean0 = tl.load(MEAN0 + bh * D + offs_d, mask=dmask, other=0.0)  # where every weight underflowed
         lower = offs_c[:, None] > offs_c[None, :]  # s < t
         for start in range(0, N, BLOCK_C):
             t = start + offs_c
@@ -77,7 +78,7 @@ if HAS_TRITON:
             carry = tl.exp(cl)  # (C,)
             num = tl.dot(decay, x, input_precision="ieee") + carry[:, None] * state[None, :]
             den = tl.sum(decay * w[None, :], 1) + carry * state_w
-            out = num / den[:, None]
+            out = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], mean0[None, :])
             tl.store(OUT + (bh * N + t)[:, None] * D + offs_d[None, :], out, mask=tmask[:, None] & dmask[None, :])
             last = tl.sum(tl.where(offs_c == BLOCK_C - 1, cl, 0.0), 0)  # padding rows add 0
             tail = tl.exp(last - cl)  # (C,) decay from each row to the chunk's end
@@ -117,7 +118,9 @@ if HAS_TRITON:
                 mask=in_hist[:, None] & dmask[None, :],
                 other=0.0,
             )
-            acc += xs.to(tl.float32) * ms[:, None] + xh.to(tl.float32) * mh[:, None]
+            # padding is selected out, never multiplied by 0 (it may hold NaN)
+            acc += tl.where(ms[:, None] > 0, xs.to(tl.float32), 0.0)
+            acc += tl.where(mh[:, None] > 0, xh.to(tl.float32), 0.0)
             count += ms + mh
         null = tl.load(NULL + h * D + offs_d, mask=dmask, other=0.0)
         out = tl.where(count[:, None] > 0, acc / tl.maximum(count, 1.0)[:, None], null[None, :])
@@ -160,24 +163,25 @@ def global_context(
     if not causal or not _runnable(stream) or acc != torch.float32:
         return fused.global_context(stream, weights, mask, null, log_decay, causal, state, chunk_size)
     batch, heads, length, dim = stream.shape
-    stream = stream.contiguous()  # (B, H, N, D)
-    m = mask.to(acc).contiguous()  # (B, N)
-    w = (weights.to(acc) * m[:, None, :]).contiguous()  # (B, H, N)
+    inputs = ref.global_inputs(stream, weights, mask, null, state, causal)  # scaled weights, selected tokens
+    stream = torch.where(inputs.use.unsqueeze(-1), stream, 0).contiguous()  # (B, H, N, D)
+    m = (mask != 0).to(acc).contiguous()  # (B, N)
+    w = inputs.weights.contiguous()  # (B, H, N)
     ld = torch.zeros(heads, dtype=acc, device=stream.device) if log_decay is None else log_decay.to(acc).contiguous()
-    if state is None:
-        init = null.to(acc).expand(batch, heads, dim).contiguous()
-        init_w = torch.ones(batch, heads, dtype=acc, device=stream.device)
-    else:
-        init, init_w = state[0].to(acc).contiguous(), state[1].to(acc).contiguous()
+    init, init_w = inputs.initial[..., :dim].contiguous(), inputs.initial[..., dim].contiguous()
+    mean0 = inputs.start_mean.contiguous()
     out = torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
     out_s = torch.empty(batch, heads, dim, dtype=acc, device=stream.device)
     out_w = torch.empty(batch, heads, dtype=acc, device=stream.device)
     block_d = _block_d(dim)
     grid = (batch * heads, triton.cdiv(dim, block_d))
-    _global_kernel[grid](
-        stream, w, m, ld, init, init_w, out, out_s, out_w, length, heads, dim, BLOCK_C=64, BLOCK_D=block_d
-    )
-    return out, (out_s, out_w)
+    if length:
+        _global_kernel[grid](
+            stream, w, m, ld, init, init_w, mean0, out, out_s, out_w, length, heads, dim, BLOCK_C=64, BLOCK_D=block_d
+        )
+    else:
+        out_s, out_w = init, init_w
+    return ref.global_outputs(out, torch.cat([out_s, out_w.unsqueeze(-1)], dim=-1), inputs, causal)
 
 
 def local_context(
@@ -204,10 +208,11 @@ def local_context(
     out = torch.empty(batch, heads, length, dim, dtype=acc, device=stream.device)
     block_d, block_t = _block_d(dim), 64
     grid = (batch * heads, triton.cdiv(length, block_t), triton.cdiv(dim, block_d))
-    _local_kernel[grid](
-        stream, m, hist, hist_mask, null.to(acc).contiguous(), out, length, heads, dim, window,
-        BLOCK_T=block_t, BLOCK_D=block_d,
-    )  # fmt: skip
+    if length:
+        _local_kernel[grid](
+            stream, m, hist, hist_mask, null.to(acc).contiguous(), out, length, heads, dim, window,
+            BLOCK_T=block_t, BLOCK_D=block_d,
+        )  # fmt: skip
     last_vectors = torch.cat([hist, stream[..., -window:, :]], dim=-2)[..., -window:, :]
     last_mask = torch.cat([hist_mask.to(mask.dtype), mask[..., -window:]], dim=-1)[..., -window:]
     return out, (last_vectors, last_mask)
