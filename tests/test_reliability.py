@@ -9,10 +9,14 @@ new user meets them (7-12). The randomised versions of these properties are ``te
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from tests.helpers import op_inputs
+from tests.helpers import NATIVE_HIDDEN, NATIVE_VOCAB, TINY_VARIANTS, op_inputs, tiny_config, tiny_model
+from vkt_hf.cache import VKTCache, vkt_state_layer
+from vkt_hf.layers.vkt_attention import Projections, VKTAttention, mix
 from vkt_hf.ops import functional as vkt
 from vkt_hf.ops import fused, naive
 
@@ -171,3 +175,220 @@ def test_3_decimal_normalize_just_below_a_power_of_ten():
         assert (out < 1).all() and (out[big] >= 0.1).all(), dtype
         expected = torch.stack([naive.normalize(v, "decimal") for v in around.double()])
         torch.testing.assert_close(out.double(), expected.abs(), rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------- the layer, every option on
+
+LAYER_VARIANTS = {
+    "paper": dict(preset="paper"),
+    "default": dict(preset="default"),
+    "options": dict(TINY_VARIANTS["options"]),
+    "window": dict(preset="default", local_attention=True, local_attention_window=3, sink_tokens=2),
+    "window-add": dict(preset="default", local_attention=True, local_attention_window=4, global_readout="add"),
+    "window-paper": dict(preset="paper", local_attention=True, local_attention_window=2, sink_tokens=0),
+    "window-only": dict(preset="default", local_attention=True, local_attention_window=3, vkt_terms=False),
+}
+
+
+def vkt_layer(variant: str, seed: int = 0, **overrides) -> VKTAttention:
+    """A ``VKTAttention`` of :data:`LAYER_VARIANTS` with every VKT parameter random (eval mode)."""
+    torch.manual_seed(seed)
+    layer = VKTAttention(tiny_config(**{**LAYER_VARIANTS[variant], **overrides})).eval()
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if not name.endswith("_proj.weight") or "importance" in name:
+                param.normal_(0.0, 0.5)
+    return layer
+
+
+def mixed(layer: VKTAttention, x: torch.Tensor, mask=None, cache=None) -> torch.Tensor:
+    with torch.no_grad():
+        return layer(x, attention_mask=mask, cache=cache)[0]
+
+
+@pytest.mark.parametrize("variant", list(LAYER_VARIANTS))
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e30])
+def test_1_layer_padding_holds_anything_without_leaking(variant, poison):
+    """Left-padded rows whose padded hidden states are NaN / inf / 1e30 equal the rows alone."""
+    layer = vkt_layer(variant)
+    x = torch.randn(2, 9, NATIVE_HIDDEN)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :4] = 0
+    x[0, :4] = poison
+    out = mixed(layer, x, mask)
+    alone = mixed(layer, x[:1, 4:])
+    torch.testing.assert_close(out[0, 4:], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], mixed(layer, x[1:])[0], rtol=1e-5, atol=1e-5)
+    # and carried in a cache, token by token: the padded slots stay in the state, inert
+    cache, steps = VKTCache(["vkt"]), []
+    for i in range(9):
+        steps.append(mixed(layer, x[:, i : i + 1], mask[:, : i + 1], cache))
+    torch.testing.assert_close(torch.cat(steps, 1)[0, 4:], alone[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(LAYER_VARIANTS))
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e30])
+def test_2_layer_a_bad_future_token_does_not_reach_the_past(variant, poison):
+    layer = vkt_layer(variant, mixer_chunk_size=4)
+    x = torch.randn(1, 12, NATIVE_HIDDEN)
+    clean = mixed(layer, x)
+    x[0, 7] = poison
+    dirty = mixed(layer, x)
+    torch.testing.assert_close(dirty[:, :7], clean[:, :7])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["paper", "window-paper"])
+def test_2_layer_huge_inputs_give_finite_outputs(dtype, variant):
+    """1e30 hidden states, where the formula's own terms stay representable (no read-out products)."""
+    layer = vkt_layer(variant, mixer_chunk_size=5).to(dtype)
+    x = (torch.randn(2, 13, NATIVE_HIDDEN) * 1e30).to(dtype)
+    if variant == "window-paper":
+        x = x / 1e12  # q . k must stay below float32's maximum
+    out = mixed(layer, x)
+    assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------- 4. chunked = whole in bfloat16
+
+
+_PROJECT_ONCE = VKTAttention.project
+
+
+def project_per_chunk(self: VKTAttention, x: torch.Tensor, rotary=None) -> Projections:
+    """The old way: each chunk's slice of ``x`` projected on its own (the bug of item 4)."""
+    step = self.config.mixer_chunk_size
+    parts = [
+        _PROJECT_ONCE(self, x[:, s : s + step], None if rotary is None else tuple(r[:, s : s + step] for r in rotary))
+        for s in range(0, x.shape[1], step)
+    ]
+    joined = {}
+    for f in dataclasses.fields(Projections):
+        pieces = [getattr(p, f.name) for p in parts]
+        joined[f.name] = None if pieces[0] is None else torch.cat(pieces, -1 if f.name in ("scores", "gates") else -2)
+    return Projections(**joined)
+
+
+@pytest.mark.parametrize("variant", ["paper", "default", "options", "window"])
+def test_4_mixer_chunk_size_does_not_change_bfloat16_logits(variant, monkeypatch):
+    """Projections are computed once, before chunking: a Linear with a bias on a chunk's strided slice
+    was one bf16 ulp off the whole tensor, which the ratio amplified to several ulps of the logits."""
+
+    def logits(chunk: int) -> torch.Tensor:
+        model = tiny_model(**{**LAYER_VARIANTS[variant], "attention_bias": True, "mixer_chunk_size": chunk})
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias") or any(k in name for k in ("importance", "decay_logit", "null_")):
+                    param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+        model = model.to(torch.bfloat16)
+        ids = torch.randint(0, NATIVE_VOCAB, (2, 37), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits.float()
+
+    whole = logits(4096)
+    for chunk in (5, 16):
+        chunked = logits(chunk)
+        assert (chunked - whole).abs().max() <= 2**-8 * whole.abs().max(), chunk  # within one bf16 ulp
+    # the check catches the old way
+    monkeypatch.setattr(VKTAttention, "project", project_per_chunk)
+    assert (logits(5) - whole).abs().max() > 2**-8 * whole.abs().max()
+
+
+# ------------------------------------------------------------------------- 5. float64 accumulation
+
+
+def test_5_float64_accumulation_computes_the_decay_in_float64():
+    layer = vkt_layer("default", accumulation_dtype="float64")
+    log_decay = layer.log_decay()
+    assert log_decay.dtype == torch.float64
+    assert torch.equal(log_decay, torch.nn.functional.logsigmoid(layer.decay_logit.double()))
+    proj = layer.project(torch.randn(1, 5, NATIVE_HIDDEN))
+    assert proj.query.dtype == proj.scores.dtype == torch.float64
+    _, a, state = mix(proj, torch.ones(1, 5), None, layer)
+    assert a.dtype == state.weighted_sum.dtype == state.weight_total.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------- 6. edge-case inputs
+
+
+@pytest.mark.parametrize("variant", list(LAYER_VARIANTS))
+def test_6_length_zero_gives_empty_outputs_and_keeps_the_state(variant):
+    layer = vkt_layer(variant)
+    out, a = layer(torch.randn(2, 0, NATIVE_HIDDEN))
+    assert out.shape == (2, 0, NATIVE_HIDDEN) and a.shape == (2, 4, 0)
+    cache = VKTCache(["vkt"])
+    x = torch.randn(2, 3, NATIVE_HIDDEN)
+    first = mixed(layer, x[:, :2], cache=cache)
+    state = [t.clone() for t in vkt_state_layer(cache, 0).state.tensors()]
+    empty = mixed(layer, x[:, :0], cache=cache)
+    assert empty.shape == (2, 0, NATIVE_HIDDEN) and vkt_state_layer(cache, 0).seen_tokens == 2
+    assert all(torch.equal(a, b) for a, b in zip(state, vkt_state_layer(cache, 0).state.tensors()))
+    torch.testing.assert_close(torch.cat([first, mixed(layer, x[:, 2:], cache=cache)], 1), mixed(layer, x))
+
+
+def test_6_length_zero_through_the_model():
+    model = tiny_model("default")
+    assert model(torch.zeros(2, 0, dtype=torch.long)).logits.shape == (2, 0, NATIVE_VOCAB)
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (torch.tensor([[1, 1, 2, 1]]), "0 for padding"),
+        (torch.tensor([[1, -1, 1, 1]]), "0 for padding"),
+        (torch.tensor([[0.0, 0.0, -float("inf"), 0.0]]), "additive"),
+        (torch.tensor([[0.5, 1.0, 1.0, 1.0]]), "0 for padding"),
+        (torch.tensor([[1, 0, 1, 1]]), "between real tokens"),
+        (torch.tensor([[1, 1, 1, 1, 1]]), "covers 5 tokens"),
+        (torch.tensor([[1, 1, 1]]), "covers 3 tokens"),
+        (torch.ones(2, 4), "does not fit"),
+        (torch.ones(1, 4, 4), "2-D padding mask"),
+    ],
+)
+def test_6_bad_masks_are_clear_errors(mask, message):
+    layer = vkt_layer("window")
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(1, 4, NATIVE_HIDDEN), attention_mask=mask)
+
+
+def test_6_masks_of_cached_steps_must_cover_the_cache():
+    layer = vkt_layer("window")
+    cache = VKTCache(["vkt"])
+    x = torch.randn(1, 6, NATIVE_HIDDEN)
+    layer(x[:, :4], attention_mask=torch.ones(1, 4), cache=cache)
+    with pytest.raises(ValueError, match="4 cached"):
+        layer(x[:, 4:5], attention_mask=torch.ones(1, 1), cache=cache)  # the new token's mask only
+    with pytest.raises(ValueError, match="between real tokens"):  # right padding, then a cached step
+        cache = VKTCache(["vkt"])
+        layer(x[:, :4], attention_mask=torch.tensor([[1, 1, 0, 0]]), cache=cache)
+        layer(x[:, 4:5], attention_mask=torch.tensor([[1, 1, 0, 0, 1]]), cache=cache)
+
+
+def test_6_right_padding_without_a_cache_and_boolean_masks_are_fine():
+    layer = vkt_layer("window")
+    x = torch.randn(1, 6, NATIVE_HIDDEN)
+    right = mixed(layer, x, torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    torch.testing.assert_close(right[:, :4], mixed(layer, x[:, :4]))
+    left = torch.tensor([[False, True, True, True, True, True]])
+    torch.testing.assert_close(mixed(layer, x, left), mixed(layer, x, left.long()))
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        (dict(eps=float("inf")), "eps"),
+        (dict(eps=float("nan")), "eps"),
+        (dict(eps=0.0), "eps"),
+        (dict(eps=True), "eps"),
+        (dict(local_window=0), "local_window"),
+        (dict(local_attention_window=2.5), "local_attention_window"),
+        (dict(mixer_chunk_size=True), "mixer_chunk_size"),
+        (dict(sink_tokens=-1), "sink_tokens"),
+        (dict(normalization="softmax"), "normalization"),
+        (dict(global_readout="both"), "global_readout"),
+        (dict(accumulation_dtype="float16"), "accumulation_dtype"),
+    ],
+)
+def test_6_bad_options_are_clear_errors(options, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**options)

@@ -32,6 +32,9 @@ def padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, d
     transformers decoder layer gets (boolean "may attend", or additive 0 / -inf): new token
     ``i`` is real exactly when query ``i`` may attend to its own key (the diagonal of the new
     block), which also holds for sliding-window masks.
+
+    A 2-D mask must hold only 0 (padding) and 1 (real tokens), with no padding between real
+    tokens (a *hole*): see :func:`check_padding_mask`.
     """
     if attention_mask is None:
         return torch.ones(batch, length, device=device)
@@ -41,11 +44,47 @@ def padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, d
             f"{type(attention_mask).__name__} {tuple(getattr(attention_mask, 'shape', ()))}; load converted models "
             "with attn_implementation='sdpa' or 'eager' (flex attention's BlockMask is not supported)"
         )
+    if attention_mask.shape[0] != batch or attention_mask.shape[-1] < length:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not fit {batch} sequences of {length} new tokens"
+        )
     if attention_mask.dim() == 2:
+        check_padding_mask(attention_mask)
         return attention_mask[:, -length:].to(device=device, dtype=torch.float32)
+    if attention_mask.shape[-2] != length:
+        raise ValueError(f"the 4-D attention_mask has {attention_mask.shape[-2]} queries, the input {length} tokens")
     diagonal = attention_mask[:, 0, -length:, -length:].diagonal(dim1=-2, dim2=-1)  # (B, N)
     keep = diagonal if diagonal.dtype == torch.bool else diagonal == 0
     return keep.to(device=device, dtype=torch.float32)
+
+
+def check_padding_mask(mask: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless the 2-D ``mask`` ``(B, tokens)`` holds only 0 and 1 and has no hole.
+
+    Not 0/1: a mask of 2s, -1s or an additive 0 / -inf mask would otherwise be used as weights.
+    A hole (padding after a real token and before another: a right-padded prompt continued with a
+    cache, or padding in the middle) is refused because padding is *not context*: a padded
+    position takes no slot of any window and does not age the decay, which only left padding (and
+    right padding, with nothing real after it) makes consistent. See ``docs/method.md``.
+    """
+    real = mask != 0
+    not_binary = torch.zeros_like(real) if mask.dtype == torch.bool else ~((mask == 0) | (mask == 1))
+    after_real = real.long().cumsum(-1) > 0
+    before_real = real.flip(-1).long().cumsum(-1).flip(-1) > 0
+    hole = ~real & after_real & before_real
+    if not bool((not_binary | hole).any()):
+        return
+    if bool(not_binary.any()):
+        values = sorted({float(v) for v in mask[not_binary].unique()[:4].tolist()})
+        raise ValueError(
+            f"attention_mask must hold 1 for real tokens and 0 for padding, got values {values}; pass the 0/1 "
+            "padding mask (as the tokenizer returns it), not an additive or weighted mask"
+        )
+    row, position = (int(i) for i in hole.nonzero()[0])
+    raise ValueError(
+        f"attention_mask row {row} has padding at position {position} between real tokens; VKT layers take left "
+        "padding (and right padding with nothing real after it): pad on the left (tokenizer.padding_side='left')"
+    )
 
 
 #: start of the per-head bias of the global slot in the window: the far tokens' mass starts at
@@ -164,7 +203,8 @@ def mix(
     )  # (B, H, N, D)
     a = vkt.scalar_attention(proj.scores, global_ctx[..., :d], local_ctx[..., :d], config.eps, config.normalization)
     mixed = a.unsqueeze(-1) * proj.gated  # a_i * U_i: (B, H, N, d)
-    in_window = config.local_attention and config.global_readout == "window"
+    # the read-out's global mean as one slot of the window's softmax (no read-out: no slot)
+    in_window = config.readout and config.local_attention and config.global_readout == "window"
     if config.readout:
         gates = proj.gates.unsqueeze(-1)  # (2, B, H, N, 1)
         mixed = mixed + gates[1] * local_ctx[..., d:]
@@ -398,7 +438,8 @@ class VKTAttention(nn.Module):
                 rotary module, used by the local attention window; computed here when absent.
 
         Returns:
-            ``(output (B, N, hidden), a (B, H, N))``.
+            ``(output (B, N, hidden), a (B, H, N))``; ``a`` is the tensor the output was computed
+            from (float32, or ``accumulation_dtype``).
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
             raise ValueError(
@@ -407,7 +448,6 @@ class VKTAttention(nn.Module):
         if cache is None:
             cache = kwargs.get("past_key_values")
         batch, length, _ = hidden_states.shape
-        mask = padding_mask(attention_mask, batch, length, hidden_states.device)
         slot = state = None
         if cache is not None:
             if not self.causal:
@@ -415,11 +455,23 @@ class VKTAttention(nn.Module):
             slot = vkt_state_layer(cache, self.layer_idx)
             state = slot.state
         past = 0 if slot is None else slot.seen_tokens
+        if (
+            isinstance(attention_mask, torch.Tensor)
+            and attention_mask.dim() == 2
+            and attention_mask.shape[-1] != past + length
+        ):
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} tokens, but this step has {past} cached + "
+                f"{length} new = {past + length}: the 2-D mask must cover the cached tokens and the new ones"
+            )
+        mask = padding_mask(attention_mask, batch, length, hidden_states.device)
+        if length == 0:  # nothing to mix: empty outputs, the state as it was
+            return self.o_proj(hidden_states), hidden_states.new_zeros(batch, self.num_heads, 0)
         rotary = self._rotary(attention_mask, position_embeddings, batch, length, past, hidden_states.device)
         proj = self.project(hidden_states, rotary)
-        chunk = self.config.mixer_chunk_size if self.causal else max(length, 1)
+        chunk = self.config.mixer_chunk_size if self.causal else length
         outputs, scalars = [], []
-        for start in range(0, max(length, 1), chunk):
+        for start in range(0, length, chunk):
             end = min(start + chunk, length)
             out, a, state = mix(proj.chunk(start, end), mask[:, start:end], state, self)
             outputs.append(out)
@@ -428,4 +480,7 @@ class VKTAttention(nn.Module):
             slot.update_state(state, length)
         mixed = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]  # (B, H, N, d)
         mixed = mixed.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.o_proj(mixed), torch.cat(scalars, dim=-1).to(hidden_states.dtype)
+        # `a` as computed, in the accumulation dtype: the very tensor the output depends on, so gradient-based
+        # attribution finds its .grad (a copy or a cast would be a dead end); longer inputs than one chunk
+        # return the chunks' concatenation
+        return self.o_proj(mixed), scalars[0] if len(scalars) == 1 else torch.cat(scalars, dim=-1)

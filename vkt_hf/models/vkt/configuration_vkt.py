@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -61,8 +62,10 @@ def validate_vkt_options(config: Any) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-    if not (isinstance(config.eps, (int, float)) and config.eps > 0):
-        raise ValueError(f"`eps` must be a positive number, got {config.eps!r}")
+    eps = config.eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < math.inf):
+        # eps = inf would set every scalar attention to 0; NaN compares false with everything
+        raise ValueError(f"`eps` must be a finite positive number, got {eps!r}")
     if config.num_attention_heads % config.num_key_value_heads != 0:
         raise ValueError(
             f"`num_attention_heads` ({config.num_attention_heads}) must be a multiple of "
