@@ -30,7 +30,9 @@ from tests.helpers import (
     tiny_hybrid,
     tiny_model,
 )
+from vkt_hf.cache import LINEAR_ATTENTION_API, VKTStateLayer
 from vkt_hf.layers import vkt_layers
+from vkt_hf.utils import CACHE_FIELD
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ CASES: dict[str, ModelCase] = {
 @pytest.fixture(params=list(CASES))
 def case(request) -> ModelCase:
     return CASES[request.param]
+
+
+def none_layers(model) -> set[int]:
+    """Indices of native no-mixing layers (they keep a token count in the cache, no state)."""
+    return {i for i, kind in enumerate(getattr(model.config, "layer_types", [])) if kind == "mlp"}
 
 
 def random_ids(case: ModelCase, batch: int, length: int, seed: int) -> torch.Tensor:
@@ -192,3 +199,46 @@ def test_gradient_checkpointing_gives_the_same_gradients(case):
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_return_dict_false_gives_tuples_from_the_argument_and_the_config(case):
+    model = case.build()
+    ids = random_ids(case, 2, 8, seed=12)
+    expected = model(ids, labels=ids, use_cache=False)
+    loss, logits = model(ids, labels=ids, return_dict=False, use_cache=False)
+    assert torch.equal(loss, expected.loss) and torch.equal(logits, expected.logits)
+    model.config.return_dict = False
+    loss, logits = model(ids, labels=ids, use_cache=False)
+    assert torch.equal(logits, expected.logits)
+    assert isinstance(model(ids, use_cache=False, return_dict=True).logits, torch.Tensor)  # the argument wins
+
+
+def test_cache_is_a_linear_attention_cache_and_generation_refuses_rollback_up_front(case):
+    model = case.build()
+    assert type(model)._is_stateful  # as transformers' Mamba and Qwen3-Next
+    ids = random_ids(case, 2, 8, seed=13)
+    cache = getattr(model(ids, use_cache=True), CACHE_FIELD)
+    vkt = {layer.layer_idx for layer in vkt_layers(model)}
+    if LINEAR_ATTENTION_API:  # transformers' linear-attention cache API (transformers >= 5.x that has it)
+        assert [i for i, linear in enumerate(cache.is_linear) if linear] == sorted(vkt | none_layers(model))
+        assert all(cache.has_previous_state(i) for i in vkt)
+        layer = sorted(vkt)[0]
+        assert torch.equal(cache.get_recurrent_state(layer, 0), cache.layers[layer].state.weighted_sum)
+    assert all(isinstance(cache.layers[i], VKTStateLayer) and cache.layers[i].state is not None for i in vkt)
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    for kwargs in (dict(prompt_lookup_num_tokens=2), dict(assistant_model=case.build())):
+        with pytest.raises(ValueError, match="VKT"):
+            generate(model, ids[:1], max_new_tokens=4, do_sample=False, **kwargs)
+    assert calls == []  # refused before the prefill
+
+
+def test_output_attentions_are_the_tensors_the_output_depends_on(case):
+    model = case.build()
+    ids = random_ids(case, 2, 10, seed=14)
+    out = model(ids, output_attentions=True, use_cache=False)
+    scalar = [a for a in out.attentions if a.dim() == 3]
+    for a in scalar:
+        a.retain_grad()
+    out.logits[:, -1].sum().backward()
+    assert scalar and all(a.grad is not None and a.grad.abs().sum() > 0 for a in scalar)

@@ -8,11 +8,12 @@ validation.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import vkt_hf
 from tests.helpers import logits, run_in_chunks, tiny_config, tiny_model
@@ -90,7 +91,8 @@ def test_outputs_loss_hidden_states_and_logits_to_keep():
     expected_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, expected_loss)
     assert len(out.hidden_states) == 4 and out.hidden_states[0].shape == (2, 10, 32)
-    assert out.attentions[0].shape == (2, 4, 10) and out.attentions[1] is None and out.attentions[2] is None
+    # the VKT layer's scalar attentions; the softmax layer (SDPA) and the no-mixing layer return no weights
+    assert len(out.attentions) == 1 and out.attentions[0].shape == (2, 4, 10)
     torch.testing.assert_close(model(ids, logits_to_keep=3).logits, out.logits[:, -3:])
 
 
@@ -139,10 +141,10 @@ def test_tied_embeddings_option():
         (dict(gated_value="key"), "gated_value"),
         (dict(context_weights="softmax"), "context_weights"),
         (dict(preset="fast"), "preset"),
-        (dict(mixer_types=["vkt"]), "mixer_types"),
-        (dict(mixer_types=["vkt", "mamba"]), "mixer_types"),
+        (dict(layer_types=["vkt"]), "layer_types"),
+        (dict(layer_types=["vkt", "mamba"]), "layer_types"),
         (dict(distance_decay="yes"), "distance_decay"),
-        (dict(num_hidden_layers=0, mixer_types=[]), "num_hidden_layers"),
+        (dict(num_hidden_layers=0, layer_types=[]), "num_hidden_layers"),
         (dict(mixer_chunk_size=0), "mixer_chunk_size"),
         (dict(vkt_backend="cuda"), "vkt_backend"),
     ],
@@ -150,6 +152,23 @@ def test_tied_embeddings_option():
 def test_bad_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**kwargs)
+
+
+def test_layer_types_use_transformers_names_and_old_mixer_types_configs_load(tmp_path):
+    config = tiny_config(num_hidden_layers=3, layer_types=["vkt", "softmax", "none"])
+    assert config.layer_types == ["linear_attention", "full_attention", "mlp"]
+    assert config.mixer_types == ["vkt", "softmax", "none"]  # the short names, read-only view
+    model = vkt_hf.VKTForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["layer_types"] == config.layer_types and "mixer_types" not in saved
+    # a checkpoint saved before the rename: `mixer_types` in config.json
+    saved["mixer_types"] = ["softmax", "vkt", "none"]
+    del saved["layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    reloaded = AutoConfig.from_pretrained(tmp_path)
+    assert reloaded.layer_types == ["full_attention", "linear_attention", "mlp"]
+    assert [layer.layer_type for layer in vkt_hf.VKTModel(reloaded).layers] == reloaded.layer_types
 
 
 def test_bad_inputs_say_what_is_wrong():

@@ -21,6 +21,13 @@ Its size never depends on how many tokens were seen. Softmax layers of a hybrid 
 library's ``DynamicLayer`` (a growing KV cache), so converted Llama/GPT-2 hybrids and
 ``VKTForCausalLM`` share one cache class. Beam search (``reorder_cache``), batch
 expansion and selection work on both kinds of layer.
+
+Where transformers has its linear-attention cache API (``LinearAttentionLayer``, as used by Mamba and
+Qwen3-Next), a ``VKTStateLayer`` is one: ``cache.is_linear`` is ``True`` for VKT layers, the state's tensors
+are its ``recurrent_states`` (one index per field above, ``cache.get_recurrent_state(layer, i)``), and
+``cache.has_previous_state(layer)`` says whether it holds a state. Older releases (transformers < 5.x
+without that API) get the same class on ``CacheLayerMixin``. The state cannot be rolled back, so the
+models declare ``_is_stateful`` and ``generate()`` refuses assisted / prompt-lookup decoding up front.
 """
 
 from __future__ import annotations
@@ -29,6 +36,21 @@ from dataclasses import dataclass, fields
 
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
+
+from .constants import LAYER_TYPE_NAMES
+
+try:  # the linear-attention cache layer API (Mamba, Qwen3-Next) in recent transformers releases
+    from transformers.cache_utils import LinearAttentionLayer as _StateLayerBase
+except ImportError:  # pragma: no cover - transformers releases without it
+    _StateLayerBase = CacheLayerMixin
+
+#: whether VKT cache layers are transformers linear-attention layers (``cache.is_linear``)
+LINEAR_ATTENTION_API = _StateLayerBase is not CacheLayerMixin
+
+
+def layer_kind(name: str) -> str:
+    """``layer_types`` entry of a layer kind given either way (``"vkt"`` or ``"linear_attention"``, ...)."""
+    return LAYER_TYPE_NAMES.get(name, name)
 
 
 @dataclass
@@ -59,8 +81,16 @@ class VKTState:
         return sum(t.nelement() * t.element_size() for t in self.tensors())
 
 
-class VKTStateLayer(CacheLayerMixin):
-    """A cache layer holding a fixed-size :class:`VKTState` instead of growing keys/values."""
+STATE_FIELDS = [f.name for f in fields(VKTState)]
+
+
+class VKTStateLayer(_StateLayerBase):
+    """A cache layer holding a fixed-size :class:`VKTState` instead of growing keys/values.
+
+    The state's fields are stored as ``recurrent_states[i]`` (``i`` the field's index in
+    :data:`STATE_FIELDS`), the storage of transformers' linear-attention layers; ``state`` reads and
+    writes them as one :class:`VKTState`. ``seen_tokens`` counts the positions processed.
+    """
 
     is_sliding = False
     is_compileable = False
@@ -68,9 +98,31 @@ class VKTStateLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, **kwargs):
-        super().__init__()
-        self.state: VKTState | None = None
+        if LINEAR_ATTENTION_API:
+            super().__init__(number_of_states=len(STATE_FIELDS))
+        else:  # pragma: no cover - the same attributes without transformers' linear-attention base
+            super().__init__()
+            self.number_of_states = len(STATE_FIELDS)
+            self.recurrent_states = dict.fromkeys(range(self.number_of_states))
+            self.is_recurrent_states_initialized = dict.fromkeys(range(self.number_of_states), False)
+            self.has_previous_state = dict.fromkeys(range(self.number_of_states), False)
+            self.record_past = False
         self.seen_tokens = 0
+        self.is_initialized = False
+
+    @property
+    def state(self) -> VKTState | None:
+        """The layer's :class:`VKTState`, or ``None`` before the first forward (and for stateless mixers)."""
+        values = [self.recurrent_states[i] for i in range(len(STATE_FIELDS))]
+        return None if all(v is None for v in values) else VKTState(*values)
+
+    @state.setter
+    def state(self, state: VKTState | None) -> None:
+        values = [None] * len(STATE_FIELDS) if state is None else [getattr(state, f) for f in STATE_FIELDS]
+        for i, value in enumerate(values):
+            self.recurrent_states[i] = value
+            self.is_recurrent_states_initialized[i] = value is not None
+            self.has_previous_state[i] = self.is_initialized
 
     def lazy_initialization(self, *args, **kwargs) -> None:  # the state is created by the first forward
         self.is_initialized = True
@@ -80,9 +132,19 @@ class VKTStateLayer(CacheLayerMixin):
 
     def update_state(self, state: VKTState | None, new_tokens: int) -> None:
         """Store the state after ``new_tokens`` more tokens (``state`` is None for stateless mixers)."""
-        self.state = state
         self.seen_tokens += new_tokens
         self.is_initialized = True
+        self.state = state
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        """transformers' linear-attention API: set field ``state_idx`` of the state (see :data:`STATE_FIELDS`)."""
+        self.recurrent_states[state_idx] = recurrent_states
+        self.is_recurrent_states_initialized[state_idx] = True
+        self.has_previous_state[state_idx] = True
+        return recurrent_states
+
+    def update_conv_state(self, *args, **kwargs):
+        raise TypeError("a VKT layer has no convolution state")
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.seen_tokens
@@ -104,15 +166,21 @@ class VKTStateLayer(CacheLayerMixin):
         return 0 if self.state is None else self.state.nbytes()
 
     def reset(self) -> None:
-        self.state = None
         self.seen_tokens = 0
         self.is_initialized = False
+        self.state = None
 
     def offload(self):  # the state is small: it always stays on its device
         pass
 
     def prefetch(self):
         pass
+
+    def activate_past_recording(self):
+        raise NotImplementedError(
+            "a VKT state summarises all past tokens and cannot be rolled back; "
+            "assisted, prompt-lookup and speculative decoding are not supported with VKT layers"
+        )
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0 and self.seen_tokens > 0:
@@ -136,29 +204,44 @@ class VKTStateLayer(CacheLayerMixin):
 
 
 class VKTCache(DynamicCache):
-    """Cache for models with VKT layers: ``VKTStateLayer`` for VKT layers, ``DynamicLayer`` otherwise.
+    """Cache for models with VKT layers: ``VKTStateLayer`` for VKT and no-mixing layers, ``DynamicLayer`` otherwise.
 
     Args:
-        mixer_types: one entry per decoder layer, ``"vkt"``, ``"softmax"`` or ``"none"``
-            (``"none"`` layers keep no state but still count tokens).
+        layer_types: one entry per decoder layer, ``"linear_attention"`` (VKT), ``"full_attention"`` (softmax)
+            or ``"mlp"`` (no mixing: no state, but the layer still counts tokens); the short names ``"vkt"``,
+            ``"softmax"`` and ``"none"`` are accepted too.
 
     A plain ``DynamicCache`` handed to a VKT layer also works: the layer swaps its own
-    slot for a ``VKTStateLayer`` on first use (see :func:`vkt_state_layer`). This is how
-    ``generate()`` on converted Llama/GPT-2 hybrids, which builds a ``DynamicCache``,
-    gets a constant-size state for the converted layers.
+    slot for a ``VKTStateLayer`` on first use (see :func:`vkt_state_layer`).
+
+    The sequence length of a cache whose layers are all VKT layers is their token count (transformers'
+    ``Cache`` reads it from attention layers only).
     """
 
-    def __init__(self, mixer_types: list[str]):
+    def __init__(self, layer_types: list[str]):
         super().__init__()
         self.layer_class_to_replicate = None
-        self.layers = [DynamicLayer() if t == "softmax" else VKTStateLayer() for t in mixer_types]
+        self.layers = [DynamicLayer() if layer_kind(t) == "full_attention" else VKTStateLayer() for t in layer_types]
+
+    def _state_only(self) -> bool:
+        return bool(self.layers) and all(isinstance(layer, VKTStateLayer) for layer in self.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self._state_only():
+            return self.layers[0].get_seq_length()
+        return super().get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        if self._state_only():
+            return self.layers[0].get_mask_sizes(query_length)
+        return super().get_mask_sizes(query_length, layer_idx)
 
     def vkt_state_bytes(self) -> int:
         """Total bytes of all VKT states (excludes KV of softmax layers)."""
         return sum(layer.nbytes() for layer in self.layers if isinstance(layer, VKTStateLayer))
 
 
-def layer_nbytes(layer: CacheLayerMixin) -> int:
+def layer_nbytes(layer) -> int:
     """Bytes one cache layer holds: a VKT state, or the keys and values of a softmax layer."""
     if isinstance(layer, VKTStateLayer):
         return layer.nbytes()
@@ -176,7 +259,7 @@ def vkt_state_layer(cache: DynamicCache, layer_idx: int) -> VKTStateLayer:
         )
     layer = cache.layers[layer_idx]
     if not isinstance(layer, VKTStateLayer):
-        if layer.get_seq_length() > 0:
+        if getattr(layer, "keys", None) is not None and layer.get_seq_length() > 0:
             raise ValueError(f"cache layer {layer_idx} already holds keys/values; it cannot become a VKT state")
         layer = cache.layers[layer_idx] = VKTStateLayer()
     return layer

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
 from ..layers.vkt_attention import SUMMARY_BIAS_INIT, VKTAttention
 from ..models.vkt.configuration_vkt import VKT_PRESETS, VKTConfig
@@ -202,29 +203,30 @@ def init_new_parameters(
     """
     if readout_init is None:
         readout_init = (0.0, 0.0) if module.config.local_attention else (0.5, 0.5)
+    if importance_init not in ("zeros", "random"):
+        raise ConversionError(f"importance_init must be 'zeros' or 'random', got {importance_init!r}")
+    # `transformers.initialization` leaves tensors loaded from a checkpoint (flagged `_is_hf_initialized`) alone
     if hasattr(module, "importance"):
         if importance_init == "zeros":
-            module.importance.zero_()
-        elif importance_init == "random":
-            module.importance.normal_(0.0, 1.0 / math.sqrt(module.head_dim))
+            init.zeros_(module.importance)
         else:
-            raise ConversionError(f"importance_init must be 'zeros' or 'random', got {importance_init!r}")
+            init.normal_(module.importance, 0.0, 1.0 / math.sqrt(module.head_dim))
     if hasattr(module, "importance_proj"):
         if importance_init == "zeros":
-            module.importance_proj.weight.zero_()
+            init.zeros_(module.importance_proj.weight)
         else:
-            module.importance_proj.weight.normal_(0.0, 1.0 / math.sqrt(module.config.hidden_size))
-    module.null_context.zero_()
+            init.normal_(module.importance_proj.weight, 0.0, 1.0 / math.sqrt(module.config.hidden_size))
+    init.zeros_(module.null_context)
     if hasattr(module, "null_value"):
-        module.null_value.zero_()
+        init.zeros_(module.null_value)
     if hasattr(module, "readout_gate"):
         heads = module.num_heads
-        module.readout_gate.weight.zero_()
-        module.readout_gate.bias.copy_(torch.tensor(readout_init, dtype=torch.float32).repeat_interleave(heads))
+        init.zeros_(module.readout_gate.weight)
+        init.copy_(module.readout_gate.bias, torch.tensor(readout_init).repeat_interleave(heads))
     if hasattr(module, "decay_logit"):
-        module.decay_logit.copy_(vkt.decay_logit_init(module.num_heads))
+        init.copy_(module.decay_logit, vkt.decay_logit_init(module.num_heads))
     if hasattr(module, "summary_bias"):
-        module.summary_bias.fill_(SUMMARY_BIAS_INIT)
+        init.constant_(module.summary_bias, SUMMARY_BIAS_INIT)
 
 
 def _reference_tensor(attention: nn.Module) -> torch.Tensor:

@@ -7,9 +7,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from ...constants import BACKENDS, NORMALIZATIONS
+from ...constants import BACKENDS, LAYER_TYPE_NAMES, NORMALIZATIONS
 
-MIXER_TYPES = ("vkt", "softmax", "none")
+LAYER_TYPES = tuple(LAYER_TYPE_NAMES.values())
 
 # The settings a preset fixes. `paper` is the word-for-word reading of the paper (see
 # docs/method.md); `default` is the best O(N) row of the project's ablation (docs/ablation.md).
@@ -158,8 +158,11 @@ class VKTConfig(PretrainedConfig):
             `"triton"` or `"auto"` (the default: picked per device and size, see `vkt_hf.ops`; the
             `VKT_BACKEND` environment variable overrides `"auto"`). Same results, different speed.
         causal (`bool`, *optional*, defaults to `True`): causal (decoder) or bidirectional mixing.
-        mixer_types (`list[str]`, *optional*): per layer `"vkt"`, `"softmax"` or `"none"`; defaults
-            to all `"vkt"`. Softmax layers use RoPE and a KV cache (for hybrids and baselines).
+        layer_types (`list[str]`, *optional*): the token mixer of each layer, in transformers' names:
+            `"linear_attention"` (VKT), `"full_attention"` (softmax attention with RoPE and a KV cache, for
+            hybrids and baselines) or `"mlp"` (no token mixing); the short names `"vkt"`, `"softmax"` and
+            `"none"` are accepted too. Defaults to all VKT. (`mixer_types`, the name before, still loads;
+            `config.mixer_types` reads the kinds in the short names.)
         mixer_chunk_size (`int`, *optional*, defaults to 4096): the mixer processes longer inputs
             in chunks of this many tokens, carrying its state, so memory stays bounded.
         rope_theta (`float`, *optional*, defaults to 10000.0): RoPE base of softmax layers.
@@ -208,7 +211,7 @@ class VKTConfig(PretrainedConfig):
         accumulation_dtype: str = "float32",
         vkt_backend: str = "auto",
         causal: bool = True,
-        mixer_types: list[str] | None = None,
+        layer_types: list[str] | None = None,
         mixer_chunk_size: int = 4096,
         rope_theta: float = 10000.0,
         hidden_act: str = "silu",
@@ -255,7 +258,6 @@ class VKTConfig(PretrainedConfig):
         self.accumulation_dtype = accumulation_dtype
         self.vkt_backend = vkt_backend
         self.causal = causal
-        self.mixer_types = list(mixer_types) if mixer_types is not None else ["vkt"] * num_hidden_layers
         self.mixer_chunk_size = mixer_chunk_size
         self.rope_theta = rope_theta
         self.hidden_act = hidden_act
@@ -269,8 +271,23 @@ class VKTConfig(PretrainedConfig):
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
+            **{k: v for k, v in kwargs.items() if k != "mixer_types"},
         )
+        # set after the base __init__, whose checks know no kind for a layer without token mixing (see `validate`);
+        # configs saved before `layer_types` name it `mixer_types`
+        layer_types = layer_types or kwargs.get("mixer_types") or ["vkt"] * num_hidden_layers
+        self.layer_types = [LAYER_TYPE_NAMES.get(t, t) for t in layer_types]
+        self._validate()
+
+    def validate(self) -> None:
+        """transformers' checks of a config, with this model's own check of ``layer_types``.
+
+        transformers checks ``layer_types`` against the kinds of its own models, which have no layer
+        without token mixing (``"mlp"`` here, the ablation's lower bound); ``_validate`` checks ours.
+        """
+        for check in getattr(PretrainedConfig, "__class_validators__", []):
+            if check.__name__ != "validate_layer_type":
+                check(self)
         self._validate()
 
     def _validate(self) -> None:
@@ -279,12 +296,24 @@ class VKTConfig(PretrainedConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
         validate_vkt_options(self)
-        if len(self.mixer_types) != self.num_hidden_layers:
+        if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
-                f"`mixer_types` has {len(self.mixer_types)} entries but `num_hidden_layers` is {self.num_hidden_layers}"
+                f"`layer_types` has {len(self.layer_types)} entries but `num_hidden_layers` is {self.num_hidden_layers}"
             )
-        bad = sorted({t for t in self.mixer_types if t not in MIXER_TYPES})
+        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
         if bad:
-            raise ValueError(f"`mixer_types` entries must be in {MIXER_TYPES}, got {bad}")
-        if not self.causal and any(t == "softmax" for t in self.mixer_types):
-            raise ValueError("`mixer_types` may only contain 'softmax' layers when `causal=True`")
+            raise ValueError(
+                f"`layer_types` entries must be in {LAYER_TYPES} (or {tuple(LAYER_TYPE_NAMES)}), got {bad}"
+            )
+        if not self.causal and "full_attention" in self.layer_types:
+            raise ValueError("`layer_types` may only contain softmax ('full_attention') layers when `causal=True`")
+
+    @property
+    def mixer_types(self) -> list[str]:
+        """The layer kinds in the project's short names (``"vkt"``, ``"softmax"``, ``"none"``)."""
+        short = {kind: name for name, kind in LAYER_TYPE_NAMES.items()}
+        return [short.get(t, t) for t in self.layer_types]
+
+    @mixer_types.setter
+    def mixer_types(self, value: list[str]) -> None:
+        self.layer_types = [LAYER_TYPE_NAMES.get(t, t) for t in value]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 # token ids / embedding tying are copied from the base config so tokenizers, generate() and
 # pipelines that read them from the top-level config see the base model's values
 _COPIED_FROM_BASE = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
+# settings of this config that the wrapped base model reads from its own: this config is the one users and
+# transformers set (``from_pretrained(d, output_hidden_states=True)``, ``config.tie_word_embeddings = False``),
+# so it wins over the recorded ``base_config`` whenever the base model is built
+SHARED_WITH_BASE = (*_COPIED_FROM_BASE, "use_cache", "output_hidden_states", "return_dict")
 
 
 class VKTHybridConfig(PretrainedConfig):
@@ -17,7 +23,10 @@ class VKTHybridConfig(PretrainedConfig):
 
     Args:
         base_config (`dict` or `PretrainedConfig`): the original model's config (its ``to_dict()``,
-            including ``model_type``), from which the base architecture is rebuilt.
+            including ``model_type``), from which the base architecture is rebuilt; a default
+            ``LlamaConfig`` when omitted. Settings of this config that the base model also has
+            (``tie_word_embeddings``, ``use_cache``, ``output_hidden_states``, ``return_dict``, token ids)
+            are this config's: they override ``base_config`` when the base model is built.
         vkt_layers (`list[int]`, *optional*): indices of the decoder layers that are VKT (the
             others keep their softmax attention). Defaults to none.
         vkt_options (`dict`, *optional*): the VKT options of the converted layers (``preset``,
@@ -52,7 +61,8 @@ class VKTHybridConfig(PretrainedConfig):
     ):
         if isinstance(base_config, PretrainedConfig):
             base_config = base_config.to_dict()
-        self.base_config: dict[str, Any] = dict(base_config or {"model_type": "llama"})
+        # as config.json will hold it (integer label ids become strings), so a saved config reloads equal
+        self.base_config: dict[str, Any] = json.loads(json.dumps(base_config or LlamaConfig().to_dict(), default=str))
         if "model_type" not in self.base_config:
             raise ValueError("`base_config` must record the base `model_type`")
         self.vkt_layers = sorted(int(i) for i in (vkt_layers or []))
@@ -64,13 +74,20 @@ class VKTHybridConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def get_base_config(self) -> PretrainedConfig:
-        """The base model's config object, rebuilt from ``base_config``."""
+        """The base model's config object, rebuilt from ``base_config`` with this config's shared settings."""
         values = dict(self.base_config)
+        values.update({name: getattr(self, name) for name in SHARED_WITH_BASE})
         return AutoConfig.for_model(values.pop("model_type"), **values)
 
     def __getattr__(self, name: str) -> Any:
         # only called when normal lookup fails: fall back to the base config's fields
         base = self.__dict__.get("base_config")
-        if base is not None and not name.startswith("_") and name in base:
-            return base[name]
+        if base is not None and not name.startswith("_"):
+            if name in base:
+                return base[name]
+            # the base config's own aliases (GPT-2 stores `num_hidden_layers` as `n_layer`)
+            model_type = base.get("model_type")
+            aliases = CONFIG_MAPPING[model_type].attribute_map if model_type in CONFIG_MAPPING else {}
+            if aliases.get(name) in base:
+                return base[aliases[name]]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")

@@ -7,10 +7,15 @@ config (base architecture via ``AutoModelForCausalLM.from_config``, then the sam
 conversion), so ``from_pretrained`` only has to load the saved tensors. ``forward`` and
 ``generate`` are the base model's.
 
-Generation cache: the base model's ``generate()`` builds its usual ``DynamicCache``; every VKT
-layer swaps its own slot for a constant-size ``VKTStateLayer`` on first use, so the cache holds
-VKT state for VKT layers and growing keys/values for the softmax layers. Beam search and
-batch expansion reorder both kinds of layer.
+Generation cache: ``generate()`` builds a ``VKTCache`` with a constant-size ``VKTStateLayer`` for every VKT
+layer and the base model's growing keys/values for the softmax layers (a plain ``DynamicCache`` passed in
+works too: each VKT layer swaps its own slot on first use). Beam search and batch expansion reorder both
+kinds of layer. Like Mamba and Qwen3-Next, the model is ``_is_stateful``: ``generate()`` refuses assisted /
+prompt-lookup decoding before the prefill.
+
+The hybrid's config is the one users and transformers set; its shared settings (``SHARED_WITH_BASE``:
+``tie_word_embeddings``, ``output_hidden_states``, ``return_dict``, ...) reach the wrapped model, and its
+``_no_split_modules`` are the base model's (``device_map="auto"`` splits it where it splits the base).
 """
 
 from __future__ import annotations
@@ -21,11 +26,25 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.utils.generic import can_return_tuple
 
+from ...cache import VKTCache
 from ...convert import INIT_DEFAULTS, ConversionError, convert_layers, family_for
 from ...convert.common import init_new_parameters
-from ...layers.vkt_attention import VKTAttention
+from ...layers.vkt_attention import vkt_layers
+from ...utils import CACHE_FIELD, refuse_rollback_generation, sequence_starts
 from .configuration_vkt_hybrid import VKTHybridConfig
+
+#: the parameters a VKT layer adds to the pretrained projections (initialised here when a checkpoint lacks them)
+NEW_PARAMETERS = (
+    "importance",
+    "importance_proj",
+    "null_context",
+    "null_value",
+    "readout_gate",
+    "decay_logit",
+    "summary_bias",
+)
 
 
 class VKTHybridPreTrainedModel(PreTrainedModel):
@@ -34,15 +53,33 @@ class VKTHybridPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules: list[str] = []
+    # set from the wrapped base model in `post_init` (transformers collects the children's)
+    _no_split_modules: list[str] | None = None
+    # the VKT state cannot be cropped back (as Mamba's and Qwen3-Next's): generate() refuses assisted decoding
+    _is_stateful = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # only reached for modules outside the wrapped model (which initialises its own) and for
-        # VKT layers rebuilt without saved weights
-        if isinstance(module, VKTAttention):
-            init_new_parameters(module)
+        # the wrapped model initialises its own modules; VKT layers are initialised in `initialize_weights`
+        pass
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise what no checkpoint provided: the VKT layers' new parameters, then the base model's.
+
+        The VKT layers sit inside the base model, whose own initialisation does not know them; their new
+        parameters (``NEW_PARAMETERS``) start as :func:`vkt_hf.convert.common.init_new_parameters` says,
+        which skips tensors loaded from a checkpoint (flagged ``_is_hf_initialized``), then count as done.
+        """
+        for layer in vkt_layers(self):
+            init_new_parameters(layer)
+            for name in NEW_PARAMETERS:
+                part = getattr(layer, name, None)
+                for param in [part] if isinstance(part, nn.Parameter) else getattr(part, "parameters", list)():
+                    param._is_hf_initialized = True
+        super().initialize_weights()
 
 
 class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
@@ -66,8 +103,14 @@ class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
             model = AutoModelForCausalLM.from_config(base_config, attn_implementation=attn)
             # completes and checks the options; the config records the complete set
             _, config.vkt_options = convert_layers(model, config.vkt_layers, **config.vkt_options)
+            # nothing is loaded yet: `from_pretrained` must report the VKT tensors a checkpoint lacks (not
+            # take them for initialised, as a conversion of loaded weights does) and `initialize_weights` start them
+            for layer in vkt_layers(model):
+                for tensor in [*layer.modules(), *layer.parameters()]:
+                    tensor._is_hf_initialized = False
         self.model = model
         self.post_init()
+        self._no_split_modules = set(getattr(model, "_no_split_modules", None) or [])
 
     @classmethod
     def from_converted(
@@ -100,6 +143,22 @@ class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> nn.Module:
         return self.model.get_decoder()
 
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        self.model.config.tie_word_embeddings = self.config.tie_word_embeddings  # the hybrid's setting decides
+        super().tie_weights(*args, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args, **kwargs) -> None:
+        # a VKTCache: VKT states for the converted layers, the base model's keys/values for the others
+        if generation_config.use_cache is not False and model_kwargs.get(CACHE_FIELD) is None:
+            converted = set(self.config.vkt_layers)
+            kinds = ["vkt" if i in converted else "softmax" for i in range(self.config.num_hidden_layers)]
+            model_kwargs[CACHE_FIELD] = VKTCache(kinds)
+
+    def _validate_generation_mode(self, generation_mode, *args, **kwargs) -> None:
+        refuse_rollback_generation(self, generation_mode)  # before the prefill, with a message naming VKT
+        super()._validate_generation_mode(generation_mode, *args, **kwargs)
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -117,6 +176,14 @@ class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
         ``(B, H, N)``; softmax layers contribute ``(B, H, N, N)`` weights where their attention
         implementation returns them (eager), nothing otherwise.
         """
+        config = self.config
+        for name in ("output_attentions", "output_hidden_states"):  # this config's settings, not the base's
+            if kwargs.get(name) is None:
+                kwargs[name] = getattr(config, name)
+        if use_cache is None:
+            use_cache = config.use_cache and not self.training
+        if attention_mask is None and kwargs.get(CACHE_FIELD) is None and sequence_starts(position_ids) is not None:
+            use_cache = False  # a packed batch (restarting positions) has no single continuation to cache
         return self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -125,17 +192,12 @@ class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            return_dict=True,
             **kwargs,
         )
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.model.prepare_inputs_for_generation(*args, **kwargs)
-
-    @torch.no_grad()
-    def generate(self, *args: Any, **kwargs: Any):
-        """The base model's ``generate`` (with this model's generation config)."""
-        self.model.generation_config = self.generation_config
-        return self.model.generate(*args, **kwargs)
 
 
 def convert_to_vkt(
