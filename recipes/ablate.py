@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from vkt_hf.config_loading import run_recipe
 from vkt_hf.training import TrainConfig, train
 
 # name -> (mixer of every layer or a per-layer list, VKTConfig overrides). One open choice at a time,
@@ -233,4 +234,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe("ablate.py", main))

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vkt_hf.config_loading import run_recipe
 from vkt_hf.training import TrainConfig, load_config, train
 
 SHARED_FORBIDDEN = ("--output_dir", "--model_name_or_path", "--mode", "--config")
@@ -79,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe("distill.py", main))

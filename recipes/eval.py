@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 import vkt_hf  # noqa: F401  (registers the VKT model classes with the Auto* factories)
-from vkt_hf.config_loading import load_dataclass
+from vkt_hf.config_loading import load_dataclass, run_recipe
 from vkt_hf.eval_job import EvalConfig, evaluate_model
 
 
@@ -26,4 +26,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe("eval.py", main))

@@ -28,6 +28,7 @@ import torch
 
 from vkt_hf import evaluation as ev
 from vkt_hf.cards import write_model_card
+from vkt_hf.config_loading import run_recipe
 from vkt_hf.data import get_tokenizer
 from vkt_hf.eval_job import EvalConfig, evaluate_model
 from vkt_hf.training import TrainConfig, build_pretrain_model, load_config, train
@@ -258,4 +259,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe("main.py", main))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 
 from vkt_hf import training
+from vkt_hf.config_loading import run_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recipe("train.py", main))

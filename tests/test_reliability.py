@@ -10,17 +10,34 @@ new user meets them (7-12). The randomised versions of these properties are ``te
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.helpers import NATIVE_HIDDEN, NATIVE_VOCAB, TINY_VARIANTS, op_inputs, tiny_config, tiny_model
+from tests.helpers import NATIVE_HIDDEN, NATIVE_VOCAB, TINY_VARIANTS, op_inputs, tiny_base, tiny_config, tiny_model
+from tests.test_recipes import BOOKS, tiny_args
+from vkt_hf import cli, convert_to_vkt, training
 from vkt_hf.cache import VKTCache, vkt_state_layer
+from vkt_hf.config_loading import run_recipe, write_text_atomic
+from vkt_hf.data import get_tokenizer
+from vkt_hf.explain import importance_map
 from vkt_hf.layers.vkt_attention import Projections, VKTAttention, mix
 from vkt_hf.ops import functional as vkt
 from vkt_hf.ops import fused, naive
 
 BACKENDS = {"reference": vkt, "fused": fused, "naive": naive}
+ROOT = Path(__file__).resolve().parents[1]
+train_recipe = SimpleNamespace(**runpy.run_path(str(ROOT / "recipes" / "train.py")))  # the recipes, in-process
+eval_recipe = SimpleNamespace(**runpy.run_path(str(ROOT / "recipes" / "eval.py")))
 
 
 def both_contexts(impl, stream, weights, mask, null, log_decay, window=3, causal=True, state=(None, None)):
@@ -392,3 +409,159 @@ def test_6_right_padding_without_a_cache_and_boolean_masks_are_fine():
 def test_6_bad_options_are_clear_errors(options, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**options)
+
+
+# ---------------------------------------------------------------- 7-8. recipe errors: one line, exit 2
+
+
+def recipe(name: str, *argv: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "recipes" / name), *argv]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_7_recipe_errors_are_one_line_with_exit_code_2(tmp_path):
+    (tmp_path / "typo.yaml").write_text("mode: pretrain\nwarmup_step: 3\n")
+    one_line_error(recipe("train.py", "--config", str(tmp_path / "typo.yaml")), "warmup_step", "'warmup_steps'")
+    one_line_error(
+        recipe("eval.py", "--model", str(tmp_path / "missing"), "--data", str(BOOKS)), "missing", "not exist"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--config", "nowhere.yaml"], ["nowhere.yaml", "does not exist"]),
+        (["--data", "no/such/corpus"], ["no/such/corpus", "fetch_corpus"]),
+        (["--model_config", "{hiden_size: 32}"], ["hiden_size", "'hidden_size'"]),  # 8: no silent default width
+        (["--model_config", "{hidden_size: 30, num_attention_heads: 4}"], ["model_config", "divisible"]),
+        (["--mode", "distill"], ["model_name_or_path"]),
+        (["--mode", "finetune", "--model_name_or_path", "./no/model"], ["./no/model", "does not exist"]),
+    ],
+)
+def test_7_8_train_config_errors(tmp_path, capsys, argv, words):
+    code = run_recipe("train.py", train_recipe.main, [*tiny_args(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and all(w in err[0] for w in words), err
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_7_eval_errors(tmp_path, capsys):
+    assert run_recipe("eval.py", eval_recipe.main, ["--run_dir", str(tmp_path)]) == 2
+    assert "no run.json" in capsys.readouterr().err
+    assert run_recipe("eval.py", eval_recipe.main, ["--model", "nobody/nothing-here", "--data", str(BOOKS)]) == 2
+    assert "cannot load a model from 'nobody/nothing-here'" in capsys.readouterr().err
+
+
+def test_7_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    real_loss, calls = training.training_loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "training_loss", loss_then_ctrl_c)
+    argv = tiny_args(tmp_path / "run", max_steps=6)
+    assert run_recipe("train.py", train_recipe.main, argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (above it: the progress of the checkpoint saves)
+    assert err.startswith("train.py: interrupted at step 3 of 6") and "step_000002" in err, err
+    assert "rerun the same command" in err
+    monkeypatch.setattr(training, "training_loss", real_loss)
+    assert run_recipe("train.py", train_recipe.main, argv) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------- 9. a mislabelled checkpoint is refused early
+
+
+def test_9_mislabelled_checkpoint_is_refused_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    tiny_base("gpt2").save_pretrained(tmp_path / "gpt2")  # 4 layers of GPT-2
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    loaded = []
+    monkeypatch.setattr(cli.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(a))
+    assert cli.main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "do not match its config" in err and "model_type 'llama'" in err and "converting layers" not in err
+    assert not loaded and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(config))  # the right label converts
+    assert cli.main(["convert", str(tmp_path / "gpt2"), str(tmp_path / "out"), "--layers", "0"]) == 0
+
+
+# ------------------------------------------------------ 10. checkpoints and metrics survive interruption
+
+
+def test_10_an_incomplete_checkpoint_is_skipped_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert training.train(training.load_config(tiny_args(run, max_steps=6, stop_after_steps=5)))["stopped"]
+    (run / "checkpoints" / "step_000004" / "trainer_state.json").write_text("")  # killed while writing it
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 5, "lo')  # a row cut short
+    summary = training.train(training.load_config(tiny_args(run, max_steps=6)))
+    out = capsys.readouterr().out
+    assert "skipping incomplete checkpoint" in out and "resumed from" in out and "step_000002" in out
+    assert summary["final"]["step"] == 6
+
+
+def test_10_rerunning_a_finished_run_adds_no_row(tmp_path):
+    run = tmp_path / "run"
+    training.train(training.load_config(tiny_args(run, max_steps=4, eval_every=3)))  # final eval at step 4
+    rows = (run / "metrics.jsonl").read_text()
+    assert training.train(training.load_config(tiny_args(run, max_steps=4, eval_every=3)))["final"]["step"] == 4
+    assert (run / "metrics.jsonl").read_text() == rows
+    assert sum('"val_loss"' in r and '"step": 4' in r for r in rows.splitlines()) == 1
+
+
+def test_10_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "trainer_state.json"
+    write_text_atomic(path, '{"step": 1}')
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, '{"step": 2}')
+    assert path.read_text() == '{"step": 1}'
+
+
+# ------------------------------------------------------------------ 11. explain says why a map is grey
+
+
+def test_11_explain_a_fresh_conversion_says_why_every_a_is_0(tmp_path, capsys):
+    tok = get_tokenizer("byte")
+    model = convert_to_vkt(tiny_base("llama", vocab_size=len(tok)), layers=[1, 3])
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = tmp_path / "page.html"
+    assert cli.main(["explain", str(tmp_path / "m"), "It is a truth", "--out", str(out)]) == 0
+    assert "importance vector V is 0" in out.read_text() and "importance vector V is 0" in capsys.readouterr().err
+    trained = tiny_model("default", vocab_size=len(tok))  # a has values: no note
+    assert not importance_map(trained, tok, "It is a truth").notes
+
+
+# ---------------------------------------------------------- 12. the README's commands leave git clean
+
+
+def test_12_readme_commands_write_only_where_git_ignores():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs a git checkout")
+    readme = (ROOT / "README.md").read_text()
+    code = "\n".join(re.findall(r"```(?:bash|python)\n(.*?)```", readme, re.S))
+    written = re.findall(r"--out(?:put_dir|_dir)?[ =]([^\s\\]+)", code) + re.findall(
+        r"save_pretrained\(\"([^\"]+)\"", code
+    )
+    written += re.findall(r"vkt-hf convert \S+ (\S+)", code)
+    assert len(written) >= 4, written
+    for path in written:
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+        assert ignored, f"the README writes to {path}, which git does not ignore"

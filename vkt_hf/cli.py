@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .cards import write_model_card
@@ -90,6 +92,7 @@ def run_convert(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         kind = "directory" if Path(src).expanduser().is_dir() else "Hub id (no local directory of that name)"
         raise CLIError(f"cannot read a config from {kind} {src!r}: {err}") from err
+    check_weights_match_config(src, config)  # before anything the size of the config is allocated
     try:
         family = family_for(config)
         layers = resolve_layers(args.layers, getattr(config, "num_hidden_layers", None) or config.n_layer)
@@ -117,6 +120,49 @@ def run_convert(args: argparse.Namespace) -> int:
     new = sum(p.numel() for name, p in hybrid.named_parameters() if _is_new_parameter(name))
     _progress(f"done: {len(layers)}/{len(family.layers(model))} layers VKT, {new:,} new parameters -> {out}")
     return 0
+
+
+def checkpoint_shapes(src: str) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes of the tensors in a local checkpoint's ``*.safetensors`` files, read from their
+    headers (no weights loaded); ``None`` for a Hub id or a checkpoint in another format."""
+    path = Path(src).expanduser()
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            shapes.update({name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()})
+    return shapes
+
+
+def check_weights_match_config(src: str, config: Any) -> None:
+    """Refuse a checkpoint whose weights its config does not describe (a wrong ``model_type``, a config
+    from another model), before a model of the config's size is built: the model is laid out on the
+    ``meta`` device (no memory) and its tensors compared with the checkpoint's, by name and shape."""
+    shapes = checkpoint_shapes(src)
+    if not shapes:
+        return
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise CLIError(f"the config of {src} does not describe a causal LM transformers can build: {err}") from err
+    prefix = f"{model.base_model_prefix}."
+    have = {name.removeprefix(prefix): shape for name, shape in shapes.items()}
+    expected = {name.removeprefix(prefix): tuple(p.shape) for name, p in model.named_parameters()}
+    matching = sum(have.get(name) == shape for name, shape in expected.items())
+    want = sum(p.numel() for p in model.parameters())
+    held = sum(math.prod(shape) for shape in shapes.values())
+    if matching >= len(expected) / 2 and want <= 1.5 * held:
+        return
+    example = next(iter(sorted(set(have) - set(expected))), "?")
+    raise CLIError(
+        f"the weights in {src} do not match its config (model_type {config.model_type!r}): {matching} of "
+        f"{len(expected)} tensors the config describes are there with the right shape, and it describes "
+        f"{want:,} parameters where the weights hold {held:,} (e.g. the checkpoint has {example!r}); "
+        "is config.json's model_type right?"
+    )
 
 
 def _is_new_parameter(name: str) -> bool:
@@ -216,6 +262,8 @@ def run_explain(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(imap, title=f"VKT importance map: {args.model}"))
     png = render_png(imap, out.with_suffix(".png"))
+    for note in imap.notes:
+        _progress(f"note: {note}")
     _progress(f"wrote {out} and {png}")
     return 0
 
@@ -229,7 +277,11 @@ def add_explain_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="a saved VKT / converted model folder, or a Hub id")
     parser.add_argument("text", nargs="?", default=None, help="the text to explain")
     parser.add_argument("--text-file", default=None, help="read the text from this file instead")
-    parser.add_argument("--out", default="importance.html", help="the HTML page (the PNG goes beside it)")
+    parser.add_argument(
+        "--out",
+        default="runs/explain/importance.html",
+        help="the HTML page (the PNG goes beside it; default: %(default)s)",
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder / Hub id / 'byte' (default: the model's)")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.set_defaults(func=run_explain)

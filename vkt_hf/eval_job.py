@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from . import evaluation as ev
+from .config_loading import ConfigError, check_local, write_text_atomic
 from .data import (
     PackedDataset,
     bits_per_byte,
@@ -65,17 +66,23 @@ class EvalConfig:
 def resolve(cfg: EvalConfig) -> EvalConfig:
     """Fill model / data / held-out documents / output folder from ``run_dir`` where not given."""
     if cfg.run_dir:
-        run = json.loads((Path(cfg.run_dir) / "run.json").read_text())
+        run_json = Path(cfg.run_dir) / "run.json"
+        if not run_json.is_file():
+            raise ConfigError(f"--run_dir {cfg.run_dir}: no run.json there (is it a finished training run?)")
+        run = json.loads(run_json.read_text())
         cfg.model = cfg.model or str(Path(cfg.run_dir) / "model")
         cfg.data = cfg.data or run["data"]["source"]
         cfg.val_documents = cfg.val_documents or run["data"]["val_documents"]
         cfg.out_dir = cfg.out_dir or str(Path(cfg.run_dir) / "eval")
     if not cfg.model or not cfg.data:
-        raise ValueError("give --run_dir, or --model and --data")
+        raise ConfigError("give --run_dir, or --model and --data")
     cfg.out_dir = cfg.out_dir or "runs/eval"
     bad = sorted(set(cfg.tasks) - set(TASKS))
     if bad:
-        raise ValueError(f"unknown tasks {bad}; choose from {TASKS}")
+        raise ConfigError(f"unknown tasks {bad}; choose from {TASKS}")
+    check_local(cfg.model, "--model", " (expected a saved model folder or a Hub id org/name)")
+    check_local(cfg.data, "--data", " (fetch the corpus with `python scripts/fetch_corpus.py`)")
+    check_local(cfg.tokenizer, "--tokenizer")
     return cfg
 
 
@@ -144,9 +151,15 @@ def evaluate_model(cfg: EvalConfig, model: torch.nn.Module | None = None) -> dic
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = get_tokenizer(cfg.tokenizer or cfg.model)
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        except OSError as err:  # not a model folder, not on the Hub: the first line says which
+            raise ConfigError(f"cannot load a model from {cfg.model!r}: {str(err).splitlines()[0]}") from err
+    try:
+        tokenizer = get_tokenizer(cfg.tokenizer or cfg.model)
+    except OSError as err:
+        raise ConfigError(f"no tokenizer in {cfg.tokenizer or cfg.model!r} (give --tokenizer): {err}") from err
     model.eval()
     docs = load_documents(cfg.data)
     _, val_docs = split_documents(
@@ -169,6 +182,6 @@ def evaluate_model(cfg: EvalConfig, model: torch.nn.Module | None = None) -> dic
         print(f"[eval] {key}: {time.time() - start:.1f}s", flush=True)
         if plot is not None:
             plot[0]({label: results[key]}, out / plot[1])
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     print(f"[eval] results: {out / 'results.json'}", flush=True)
     return results

@@ -7,7 +7,7 @@ converted Llama/GPT-2 hybrids): forward hooks collect the ``a`` every VKT layer 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,11 +25,13 @@ class ImportanceMap:
         tokens: the decoded tokens, in order.
         layers: the indices of the VKT layers (in model order).
         scalars: ``(vkt_layers, heads, tokens)`` the scalar attention ``a``.
+        notes: lines that explain a map that would otherwise puzzle (every ``a`` is 0, and why).
     """
 
     tokens: list[str]
     layers: list[int]
     scalars: torch.Tensor
+    notes: list[str] = field(default_factory=list)  # why the map looks as it does (e.g. all a = 0)
 
     def mean(self) -> torch.Tensor:
         """``(tokens,)`` ``a`` averaged over layers and heads."""
@@ -59,7 +61,26 @@ def importance_map(model: nn.Module, tokenizer, text: str, max_tokens: int = 512
             hook.remove()
     scalars = torch.stack([captured[i][0].float().cpu() for i, _ in layers])  # (L, H, N)
     tokens = [tokenizer.decode([t]) for t in ids]
-    return ImportanceMap(tokens=tokens, layers=[m.layer_idx for _, m in layers], scalars=scalars)
+    notes = zero_map_notes([m for _, m in layers]) if not scalars.any() else []
+    return ImportanceMap(tokens=tokens, layers=[m.layer_idx for _, m in layers], scalars=scalars, notes=notes)
+
+
+def zero_map_notes(layers: list[nn.Module]) -> list[str]:
+    """Why every scalar attention ``a`` is 0 (the page would be uniformly white)."""
+    if not any(layer.config.vkt_terms for layer in layers):
+        return ["Every a is 0: the VKT terms are off (vkt_terms=False), only the local attention window mixes."]
+    zero_v = [
+        layer.layer_idx
+        for layer in layers
+        if getattr(layer, "importance", None) is not None and not layer.importance.detach().any()
+    ]
+    if zero_v:
+        return [
+            f"Every a is 0: the importance vector V is 0 in VKT layers {zero_v}, so s = Q . V = 0 and a = 0. "
+            "That is how conversion starts a layer (`vkt-hf convert`: the VKT part off, the model as it was); "
+            "train the model (recipes/distill.py) and a moves away from 0."
+        ]
+    return ["Every a is 0 for this text (the importance scores s = Q . V are all 0)."]
 
 
 def _color(value: float, scale: float) -> str:
@@ -92,6 +113,7 @@ def render_html(imap: ImportanceMap, title: str = "VKT importance map") -> str:
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto}"
         " .t{font-family:monospace;white-space:pre-wrap;line-height:1.8}</style>",
         f"<h1>{html.escape(title)}</h1>",
+        *(f"<p style='background:#fff3cd;padding:6px'><b>Note.</b> {html.escape(n)}</p>" for n in imap.notes),
         "<p>Each token is shaded by its scalar attention <i>a</i> (hover for the value): red positive, "
         f"blue negative, white 0. Legend (per-layer rows): {legend}</p>",
         f"<h2>Average over {len(imap.layers)} VKT layers and {imap.scalars.shape[1]} heads "

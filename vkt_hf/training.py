@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import shutil
 import time
@@ -46,10 +47,17 @@ from accelerate.utils import set_seed
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, PretrainedConfig, get_cosine_schedule_with_warmup
 
 from . import convert_to_vkt, evaluation
-from .config_loading import load_dataclass
+from .config_loading import (
+    ConfigError,
+    Interrupted,
+    check_local,
+    load_dataclass,
+    unknown_keys_error,
+    write_text_atomic,
+)
 from .convert import family_for
 from .data import bits_per_byte, prepare_data
 from .layers import VKTAttention, vkt_layers
@@ -57,6 +65,13 @@ from .models.vkt import VKTConfig, VKTForCausalLM
 
 MODES = ("pretrain", "distill", "finetune")
 PRETRAINED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: what ``model_config`` may hold: the arguments of VKTConfig and of transformers' PretrainedConfig
+MODEL_CONFIG_KEYS = {
+    name
+    for cls in (VKTConfig, PretrainedConfig)
+    for name, p in inspect.signature(cls.__init__).parameters.items()
+    if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+} | {"output_attentions", "torch_dtype"}
 
 
 @dataclass
@@ -120,23 +135,27 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """Raise :class:`~vkt_hf.config_loading.ConfigError` (one line for the user) on a bad field."""
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.convert_layers in ("none", "null", ""):
             self.convert_layers = None  # YAML `none` reads as a string
         if self.mode in ("distill", "finetune") and not self.model_name_or_path:
-            raise ValueError(f"mode {self.mode!r} needs model_name_or_path")
+            raise ConfigError(f"mode {self.mode!r} needs model_name_or_path")
         needs_teacher = self.mode == "distill" or (self.mode == "finetune" and self.kd_weight > 0)
         if needs_teacher and not (self.teacher_name_or_path or self.convert_layers):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.mode} needs teacher_name_or_path (or convert_layers, to convert the teacher's copy)"
             )
         if self.distill_params not in ("new", "attention"):
-            raise ValueError(f"distill_params must be 'new' or 'attention', got {self.distill_params!r}")
+            raise ConfigError(f"distill_params must be 'new' or 'attention', got {self.distill_params!r}")
         if not 0.0 <= self.kd_weight <= 1.0 or self.kd_temperature <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"need 0 <= kd_weight <= 1 and kd_temperature > 0, got {self.kd_weight}, {self.kd_temperature}"
             )
+        unknown = set(self.model_config) - MODEL_CONFIG_KEYS
+        if unknown:  # VKTConfig would keep a misspelled key as an attribute and train the default size
+            raise unknown_keys_error("model_config keys", unknown, MODEL_CONFIG_KEYS)
 
 
 def load_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
@@ -151,7 +170,11 @@ def load_config(argv: list[str] | None = None, description: str | None = None) -
 
 def load_causal_lm(path: str, convert_layers: str | None = None, vkt_options: dict | None = None) -> nn.Module:
     """``AutoModelForCausalLM`` from ``path`` (float32), converted to VKT when ``convert_layers`` is given."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    check_local(path, "model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as err:  # not a model folder, not on the Hub: the first line says which
+        raise ConfigError(f"cannot load a model from {path!r}: {str(err).splitlines()[0]}") from err
     if convert_layers:
         model = convert_to_vkt(model, layers=convert_layers, **(vkt_options or {}))
     return model
@@ -174,7 +197,11 @@ def build_pretrain_model(cfg: TrainConfig, tokenizer: Any) -> nn.Module:
     kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
     if cfg.mixer:
         kwargs["mixer_types"] = [cfg.mixer] * kwargs.get("num_hidden_layers", VKTConfig().num_hidden_layers)
-    return VKTForCausalLM(VKTConfig(**kwargs))
+    try:
+        config = VKTConfig(**kwargs)
+    except ValueError as err:
+        raise ConfigError(f"model_config: {err}") from err
+    return VKTForCausalLM(config)
 
 
 def new_vkt_parameters(layer: VKTAttention, exclude: list[str] | tuple[str, ...] = ()) -> list[nn.Parameter]:
@@ -358,6 +385,8 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> tuple[torch.
 def load_data(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """:func:`vkt_hf.data.prepare_data` for ``cfg``; the tokenizer defaults to the model's own."""
     tokenizer = cfg.tokenizer or cfg.model_name_or_path or cfg.teacher_name_or_path or "byte"
+    check_local(cfg.data, "data", " (fetch the book corpus with `python scripts/fetch_corpus.py`, or give --data)")
+    check_local(tokenizer, "tokenizer")
     data = prepare_data(
         cfg.data,
         tokenizer,
@@ -439,18 +468,28 @@ class Progress:
 
 class Checkpoints:
     """``<output_dir>/checkpoints/step_N/``: save (accelerate state -- model, optimizer, scheduler,
-    RNG -- plus ``trainer_state.json`` and ``model/``), find the latest, and resume from it."""
+    RNG -- plus ``trainer_state.json`` and ``model/``), find the latest, and resume from it.
+
+    ``trainer_state.json`` is written last and atomically: a checkpoint without a readable one is
+    incomplete (the run was killed while saving it) and is skipped on resume.
+    """
 
     def __init__(self, out_dir: Path, accelerator: Accelerator, keep: int):
         self.root, self.accelerator, self.keep = out_dir / "checkpoints", accelerator, keep
 
     def _all(self) -> list[Path]:
-        return sorted(self.root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        steps = [p for p in self.root.glob("step_*") if p.name.split("_")[1].isdigit()]
+        return sorted(steps, key=lambda p: int(p.name.split("_")[1]))
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint (its ``trainer_state.json`` is written last)."""
-        done = [c for c in self._all() if (c / "trainer_state.json").exists()]
-        return done[-1] if done else None
+    def latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete checkpoint and its trainer state, or ``None``."""
+        for path in reversed(self._all()):
+            state = read_trainer_state(path / "trainer_state.json")
+            if state is not None:
+                return path, state
+            if self.accelerator.is_main_process:
+                print(f"[train] skipping incomplete checkpoint {path}", flush=True)
+        return None
 
     def save(self, progress: Progress, model: nn.Module, tokenizer: Any) -> None:
         path = self.root / f"step_{progress.step:06d}"
@@ -458,9 +497,10 @@ class Checkpoints:
         if self.accelerator.is_main_process:
             model.save_pretrained(path / "model")
             tokenizer.save_pretrained(path / "model")
-            (path / "trainer_state.json").write_text(json.dumps(progress.state(), indent=2))
+            write_text_atomic(path / "trainer_state.json", json.dumps(progress.state(), indent=2))
             old = self._all()
             for stale in old[: max(0, len(old) - self.keep)]:
+                (stale / "trainer_state.json").unlink(missing_ok=True)  # incomplete first, then removed
                 shutil.rmtree(stale, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
@@ -473,21 +513,50 @@ class Checkpoints:
 
     def resume(self, metrics_path: Path) -> Progress:
         """Load the latest checkpoint (and drop the metric rows after it); a fresh start without one."""
-        path = self.latest()
-        if path is None:
+        found = self.latest()
+        if found is None:
             return self.fresh_start(metrics_path)
+        path, state = found
         self.accelerator.load_state(str(path))
-        state = json.loads((path / "trainer_state.json").read_text())
         if self.accelerator.is_main_process:
-            rows = (
-                [line for line in metrics_path.read_text().splitlines() if line.strip()]
-                if metrics_path.exists()
-                else []
-            )
-            metrics_path.write_text("".join(r + "\n" for r in rows if json.loads(r).get("step", 0) <= state["step"]))
+            rows = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= state["step"]]
+            write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
             print(f"[train] resumed from {path} (step {state['step']})", flush=True)
         self.accelerator.wait_for_everyone()
         return Progress(state["step"], state["micro_step"], state["tokens"], state["elapsed"])
+
+
+def read_trainer_state(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's ``trainer_state.json``, or ``None`` when it is missing, empty or incomplete."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("step", "micro_step", "tokens", "elapsed")
+    return state if isinstance(state, dict) and all(k in state for k in keys) else None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``; a line cut short by a kill is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def interrupted_message(cfg: TrainConfig, progress: Progress, checkpoints: Checkpoints) -> str:
+    """What Ctrl-C prints: the step reached, the checkpoint a rerun resumes from, the command to rerun."""
+    found = checkpoints.latest()
+    where = f"interrupted at step {progress.step} of {cfg.max_steps}"
+    if found is None:
+        return f"{where}; no checkpoint saved yet (save_every={cfg.save_every}): rerunning starts over"
+    return (
+        f"{where}; the latest checkpoint is step {found[1]['step']} ({found[0]}): rerun the same command "
+        f"(output_dir {cfg.output_dir}, resume on) to continue from it"
+    )
 
 
 def step_row(accelerator: Accelerator, progress: Progress, losses: list, parts: list, setup: Setup, lr: float) -> dict:
@@ -570,36 +639,40 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     show = accelerator.is_main_process and cfg.progress
     bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not show, desc=cfg.mode)
     stopped, last_eval, progress.started = None, {}, time.time()
-    while progress.step < cfg.max_steps:
-        losses, parts = [], []
-        for k in range(cfg.grad_accum):
-            batch = next(stream)
-            progress.micro_step += 1
-            progress.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            with contextlib.nullcontext() if k == cfg.grad_accum - 1 else accelerator.no_sync(setup.trained):
-                loss, part = training_loss(setup, batch, cfg)
-                accelerator.backward(loss / cfg.grad_accum)
-            losses.append(loss.detach().float())
-            parts.append(part)
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(setup.params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.step += 1
-        bar.update(1)
-        if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
-            row = step_row(accelerator, progress, losses, parts, setup, scheduler.get_last_lr()[0])
-            log_metrics(accelerator, metrics, row)
-            bar.set_postfix_str(postfix(row, setup.part_names))
-        if cfg.eval_every and (progress.step % cfg.eval_every == 0 or progress.step == cfg.max_steps):
-            last_eval = evaluate(setup.model, data, cfg)
-            log_metrics(accelerator, metrics, {"step": progress.step, **last_eval})
-        if cfg.save_every and progress.step % cfg.save_every == 0:
-            checkpoints.save(progress, setup.model, data["tokenizer"])
-        stopped = stop_reason(cfg, progress)
-        if stopped:
-            break
+    try:
+        while progress.step < cfg.max_steps:
+            losses, parts = [], []
+            for k in range(cfg.grad_accum):
+                batch = next(stream)
+                progress.micro_step += 1
+                progress.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                with contextlib.nullcontext() if k == cfg.grad_accum - 1 else accelerator.no_sync(setup.trained):
+                    loss, part = training_loss(setup, batch, cfg)
+                    accelerator.backward(loss / cfg.grad_accum)
+                losses.append(loss.detach().float())
+                parts.append(part)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(setup.params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            bar.update(1)
+            if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
+                row = step_row(accelerator, progress, losses, parts, setup, scheduler.get_last_lr()[0])
+                log_metrics(accelerator, metrics, row)
+                bar.set_postfix_str(postfix(row, setup.part_names))
+            if cfg.eval_every and (progress.step % cfg.eval_every == 0 or progress.step == cfg.max_steps):
+                last_eval = {"step": progress.step, **evaluate(setup.model, data, cfg)}
+                log_metrics(accelerator, metrics, last_eval)
+            if cfg.save_every and progress.step % cfg.save_every == 0:
+                checkpoints.save(progress, setup.model, data["tokenizer"])
+            stopped = stop_reason(cfg, progress)
+            if stopped:
+                break
+    except KeyboardInterrupt:  # Ctrl-C: say where the run stopped and how to resume, not a traceback
+        bar.close()
+        raise Interrupted(interrupted_message(cfg, progress, checkpoints)) from None
     bar.close()
     return finish(cfg, accelerator, setup, data, progress, last_eval, stopped)
 
@@ -620,9 +693,14 @@ def finish(
     if stopped == "killed":
         accelerator.end_training()
         return {"stopped": stopped, "step": progress.step}
-    if not last_eval or stopped:
-        last_eval = evaluate(setup.model, data, cfg)
-        log_metrics(accelerator, Path(cfg.output_dir) / "metrics.jsonl", {"step": progress.step, **last_eval})
+    if last_eval.get("step") != progress.step:  # no evaluation at this step in this process
+        metrics = Path(cfg.output_dir) / "metrics.jsonl"
+        logged = [r for r in read_metrics(metrics) if r.get("step") == progress.step and "val_loss" in r]
+        if logged:  # a finished run resumed: its final evaluation is logged already
+            last_eval = logged[-1]
+        else:
+            last_eval = {"step": progress.step, **evaluate(setup.model, data, cfg)}
+            log_metrics(accelerator, metrics, last_eval)
     parameters = sum(p.numel() for p in setup.model.parameters())
     if isinstance(setup.model, PeftModel):
         setup.model = setup.model.merge_and_unload()  # save a plain model
@@ -632,7 +710,7 @@ def finish(
     if accelerator.is_main_process:
         setup.model.save_pretrained(out_dir / "model")
         data["tokenizer"].save_pretrained(out_dir / "model")
-        (out_dir / "run.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(out_dir / "run.json", json.dumps(summary, indent=2))
         print(f"[train] done: {out_dir / 'model'}  val_loss={last_eval['val_loss']:.4f}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
