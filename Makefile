@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # lowest supported transformers, tested by `make test-min`
 TRANSFORMERS_MIN ?= 5.4.0
 
-.PHONY: setup test test-slow test-min main lint clean
+.PHONY: setup test test-slow test-common test-min main lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# transformers' own common model tests (ModelTesterMixin, ConfigTester, TrainingTesterMixin), taken from the
+# sdist of the installed transformers into .cache/ (pip download), on the native and a converted hybrid model
+test-common: setup
+	$(PY) -m pytest -q -m transformers_common
 
 test-min:
 	$(MAKE) setup VENV=$(VENV)-min

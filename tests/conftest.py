@@ -11,3 +11,10 @@ from tests.helpers import TINY_VARIANTS
 def variant(request) -> str:
     """Each native tiny-model variant in turn (see :data:`tests.helpers.TINY_VARIANTS`)."""
     return request.param
+
+
+def pytest_configure(config) -> None:
+    # marks used inside transformers' own test files, which `tests/test_transformers_common.py` runs
+    marks = ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "is_training_test")
+    for mark in (*marks, "torch_compile_test"):
+        config.addinivalue_line("markers", f"{mark}: a mark of transformers' own tests")

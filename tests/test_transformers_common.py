@@ -20,7 +20,8 @@ from transformers.models.auto import modeling_auto
 import vkt_hf
 from tests import transformers_suite
 
-pytestmark = pytest.mark.transformers_common
+# transformers' tests check some warnings (deprecated argument names): let them through the suite's filter
+pytestmark = [pytest.mark.transformers_common, pytest.mark.filterwarnings("default::FutureWarning")]
 
 try:
     common = transformers_suite.load("test_modeling_common")

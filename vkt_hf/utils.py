@@ -1,8 +1,9 @@
-"""Small helpers for the range of supported transformers versions."""
+"""Small helpers shared by the models: the range of supported transformers versions, generation, packed batches."""
 
 import torch
 from transformers.generation import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 #: the name under which models take and return the cache: ``cache`` from transformers 5.24,
 #: ``past_key_values`` before
@@ -33,3 +34,25 @@ def sequence_starts(position_ids: torch.Tensor | None) -> torch.Tensor | None:
     starts = torch.zeros(position_ids.shape, dtype=torch.bool, device=position_ids.device)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     return starts if bool(starts.any()) else None
+
+
+def skip_cached_tokens(input_ids: torch.Tensor, kwargs: dict) -> None:
+    """Make ``generate()`` feed only the tokens a passed-in cache has not seen, also when every layer is VKT.
+
+    transformers slices a prompt that continues a cache by the length its attention layers hold, and skips
+    that when all layers are recurrent (``all(cache.is_linear)``); a VKT cache counts its tokens itself.
+    Edits ``kwargs`` of ``prepare_inputs_for_generation`` in place (releases with ``next_sequence_length``).
+    """
+    cache = kwargs.get(CACHE_FIELD)
+    if cache is None or kwargs.get("next_sequence_length", 0) is not None or kwargs.get("inputs_embeds") is not None:
+        return
+    seen = cache.get_seq_length()
+    if 0 < seen < input_ids.shape[1]:
+        kwargs["next_sequence_length"] = input_ids.shape[1] - seen
+
+
+def cache_kwarg_renamed(forward):
+    """transformers' warning for ``past_key_values=`` (renamed ``cache`` in 5.24), where that rename exists."""
+    if CACHE_FIELD != "cache":
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)

@@ -27,7 +27,7 @@ from transformers.utils.generic import can_return_tuple
 from ...cache import VKTCache, vkt_state_layer
 from ...layers.vkt_attention import VKTAttention, init_vkt_parameters
 from ...ops import functional as vkt
-from ...utils import CACHE_FIELD, refuse_rollback_generation, sequence_starts
+from ...utils import CACHE_FIELD, cache_kwarg_renamed, refuse_rollback_generation, sequence_starts, skip_cached_tokens
 from .configuration_vkt import VKTConfig
 
 
@@ -219,6 +219,7 @@ class VKTModel(VKTPreTrainedModel):
         kwargs = {CACHE_FIELD: cache, "position_ids": position_ids}
         return create_causal_mask(self.config, inputs_embeds, attention_mask, **kwargs)
 
+    @cache_kwarg_renamed
     @can_return_tuple
     def forward(
         self,
@@ -327,12 +328,20 @@ class VKTForCausalLM(VKTPreTrainedModel, GenerationMixin):
         refuse_rollback_generation(self, generation_mode)  # before the prefill, with a message naming VKT
         super()._validate_generation_mode(generation_mode, *args, **kwargs)
 
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        kwargs["inputs_embeds"] = inputs_embeds
+        skip_cached_tokens(input_ids, kwargs)  # continuing a passed-in cache feeds only the new tokens
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
+    @cache_kwarg_renamed
     @can_return_tuple
     def forward(
         self,

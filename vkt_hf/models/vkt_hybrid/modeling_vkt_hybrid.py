@@ -32,7 +32,7 @@ from ...cache import VKTCache
 from ...convert import INIT_DEFAULTS, ConversionError, convert_layers, family_for
 from ...convert.common import init_new_parameters
 from ...layers.vkt_attention import vkt_layers
-from ...utils import CACHE_FIELD, refuse_rollback_generation, sequence_starts
+from ...utils import CACHE_FIELD, cache_kwarg_renamed, refuse_rollback_generation, sequence_starts, skip_cached_tokens
 from .configuration_vkt_hybrid import VKTHybridConfig
 
 #: the parameters a VKT layer adds to the pretrained projections (initialised here when a checkpoint lacks them)
@@ -158,6 +158,7 @@ class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
         refuse_rollback_generation(self, generation_mode)  # before the prefill, with a message naming VKT
         super()._validate_generation_mode(generation_mode, *args, **kwargs)
 
+    @cache_kwarg_renamed
     @can_return_tuple
     def forward(
         self,
@@ -168,15 +169,19 @@ class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Any = None,
+        past_key_values: Any = None,
         **kwargs: Any,
     ):
-        """The base model's forward (``cache`` / ``past_key_values``, ``output_attentions`` etc. pass through).
+        """The base model's forward (``output_attentions`` etc. pass through; ``cache`` is ``past_key_values``
+        before transformers 5.24). ``return_dict=False`` returns a tuple.
 
         With ``output_attentions=True`` the VKT layers contribute their scalar attentions
         ``(B, H, N)``; softmax layers contribute ``(B, H, N, N)`` weights where their attention
         implementation returns them (eager), nothing otherwise.
         """
         config = self.config
+        kwargs[CACHE_FIELD] = cache if cache is not None else past_key_values
         for name in ("output_attentions", "output_hidden_states"):  # this config's settings, not the base's
             if kwargs.get(name) is None:
                 kwargs[name] = getattr(config, name)
@@ -196,8 +201,12 @@ class VKTHybridForCausalLM(VKTHybridPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self.model.prepare_inputs_for_generation(*args, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        kwargs["inputs_embeds"] = inputs_embeds
+        skip_cached_tokens(input_ids, kwargs)  # continuing a passed-in cache feeds only the new tokens
+        return self.model.prepare_inputs_for_generation(input_ids, **kwargs)
 
 
 def convert_to_vkt(
