@@ -17,6 +17,10 @@ documents apart until the last step:
   without regard to boundaries (classic GPT packing, no padding, context leaks across
   documents).
 
+For corpora too large to load (PG-19: 11 GB), :func:`prepare_streaming_data` streams the training
+split (``datasets`` streaming) and packs it on the fly (:class:`StreamingPackedDataset`), resumable at
+the row where a run stopped.
+
 ``get_tokenizer("byte")`` is a byte-level tokenizer (transformers' ``ByT5Tokenizer`` without
 extra ids: 256 bytes + pad/eos/unk = 259 ids, no download), handy for tiny fast models;
 any other value is a tokenizer directory or Hub name for ``AutoTokenizer``.
@@ -24,7 +28,9 @@ any other value is a tokenizer directory or Hub name for ``AutoTokenizer``.
 
 from __future__ import annotations
 
+import copy
 import glob
+import hashlib
 import json
 import math
 import os
@@ -35,7 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
 BYTE_TOKENIZER = "byte"
@@ -308,6 +315,141 @@ def prepare_data(
         "train_tokens": train_tokens,
         "val_tokens": val_tokens,
         "train": PackedDataset(pack_documents(train_tokens, seq_len, **pack)),
+        "val": PackedDataset(pack_documents(val_tokens, seq_len, **pack)),
+        "bytes_per_token": bytes_per_token(val_docs, val_tokens),
+    }
+
+
+# --- streaming: Hub-scale corpora, packed on the fly -------------------------------------------
+
+
+def stream_documents(source: str, *, split: str = "train", subset: str | None = None) -> IterableDataset:
+    """A dataset (Hub name or local dataset folder) read as a stream: rows arrive as training needs them.
+
+    ``datasets`` streaming reads the files shard by shard; nothing is downloaded ahead (PG-19's
+    11 GB train split starts at step 1 after one shard, not after the whole split).
+    """
+    return load_dataset(source, subset, split=split, streaming=True)
+
+
+class StreamingPackedDataset(torch.utils.data.IterableDataset):
+    """Training sequences packed on the fly from a stream of documents, resumable where it stopped.
+
+    Each document is tokenized as it arrives and cut into ``seq_len``-token rows exactly as
+    :func:`pack_documents` cuts one document with ``doc_boundaries=True`` (its last piece right-padded or
+    dropped); rows are yielded in stream order, and the stream starts over (``set_epoch``) when it ends.
+
+    :meth:`state_dict` is the position after the last row yielded: the epoch, the stream's own state
+    (``datasets.IterableDataset.state_dict``) before the current document, and how many of that document's
+    rows were yielded. :meth:`load_state_dict` resumes there: the stream skips to that document (by shard
+    and offset, without reading what came before) and the rows already trained on are skipped.
+    """
+
+    def __init__(
+        self,
+        documents: IterableDataset,
+        tokenizer: PreTrainedTokenizerBase,
+        seq_len: int,
+        *,
+        text_column: str = "text",
+        remainder: str = "pad",
+    ):
+        self.documents, self.tokenizer, self.seq_len = documents, tokenizer, seq_len
+        self.text_column, self.remainder = text_column, remainder
+        self._state: dict[str, Any] = {"epoch": 0, "documents": None, "rows": 0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = copy.deepcopy(state)
+
+    def _rows(self, text: str) -> list[dict[str, torch.Tensor]]:
+        tokens = encode(self.tokenizer, text, add_eos=True)
+        pad = self.tokenizer.pad_token_id or 0
+        packed = pack_documents([tokens], self.seq_len, pad_token_id=pad, remainder=self.remainder)
+        return [
+            {k: packed[k][i] for k in ("input_ids", "labels", "attention_mask")}
+            for i in range(len(packed["doc_index"]))
+        ]
+
+    def __iter__(self):
+        while True:  # epochs
+            epoch, resume, skip = self._state["epoch"], self._state["documents"], self._state["rows"]
+            self.documents.set_epoch(epoch)
+            if resume is not None:
+                self.documents.load_state_dict(resume)
+            stream = iter(self.documents)
+            while True:
+                before = copy.deepcopy(self.documents.state_dict())
+                document = next(stream, None)
+                if document is None:
+                    break
+                for k, row in enumerate(self._rows(document[self.text_column])):
+                    if k < skip:
+                        continue
+                    self._state = {"epoch": epoch, "documents": before, "rows": k + 1}
+                    yield row
+                skip = 0
+            self._state = {"epoch": epoch + 1, "documents": None, "rows": 0}
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def prepare_streaming_data(
+    source: str,
+    tokenizer: str | PreTrainedTokenizerBase,
+    seq_len: int,
+    *,
+    split: str = "train",
+    subset: str | None = None,
+    text_column: str = "text",
+    val_split: str | None = None,
+    val_count: int = 8,
+    max_documents: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    remainder: str = "pad",
+) -> dict[str, Any]:
+    """:func:`prepare_data` for a corpus too large to load: the training split streams, packed on the fly.
+
+    Validation is ``val_count`` documents, held in memory and packed as :func:`prepare_data` packs them:
+    the first documents of ``val_split`` (PG-19 has a ``validation`` split), or of ``split``, whose stream
+    then leaves them out (by content, so also when processes split it by shard). With several processes each reads its own part of the stream
+    (``datasets.distributed.split_dataset_by_node``: whole shards when they divide evenly).
+
+    Returns the keys of :func:`prepare_data`, with ``train`` a :class:`StreamingPackedDataset` and
+    ``train_docs`` / ``train_tokens`` ``None`` (the stream is read once, as training goes).
+    """
+    tok = get_tokenizer(tokenizer)
+    stream = stream_documents(source, split=split, subset=subset)
+    held_out = stream_documents(source, split=val_split, subset=subset) if val_split else stream
+    rows = list(held_out.take(val_count))
+    val_docs = Dataset.from_dict(
+        {
+            "name": [f"{source}:{val_split or split}:{i}" for i in range(len(rows))],
+            "text": [r[text_column] for r in rows],
+        }
+    )
+    train = stream
+    if not val_split:  # the held-out documents leave the training stream wherever its shards go
+        held = {_digest(text) for text in val_docs["text"]}
+        train = stream.filter(lambda row: _digest(row[text_column]) not in held)
+    if max_documents:
+        train = train.take(max_documents)
+    if world_size > 1:
+        train = split_dataset_by_node(train, rank=rank, world_size=world_size)
+    val_tokens = tokenize_documents(val_docs, tok)
+    pack = dict(doc_boundaries=True, pad_token_id=tok.pad_token_id or 0, remainder=remainder)
+    return {
+        "tokenizer": tok,
+        "train_docs": None,
+        "val_docs": val_docs,
+        "train_tokens": None,
+        "val_tokens": val_tokens,
+        "train": StreamingPackedDataset(train, tok, seq_len, text_column=text_column, remainder=remainder),
         "val": PackedDataset(pack_documents(val_tokens, seq_len, **pack)),
         "bytes_per_token": bytes_per_token(val_docs, val_tokens),
     }

@@ -59,7 +59,7 @@ from .config_loading import (
     write_text_atomic,
 )
 from .convert import family_for
-from .data import bits_per_byte, prepare_data
+from .data import StreamingPackedDataset, bits_per_byte, prepare_data, prepare_streaming_data
 from .layers import VKTAttention, vkt_layers
 from .models.vkt import VKTConfig, VKTForCausalLM
 
@@ -94,6 +94,9 @@ class TrainConfig:
     val_fraction: float = 0.1
     max_documents: int | None = None
     max_chars: int | None = None
+    streaming: bool = False  # stream `data` (Hub / local dataset), packed on the fly: nothing downloaded ahead
+    val_split: str | None = None  # streaming: validation documents from this split (else the stream's first)
+    val_count: int = 8  # streaming: how many validation documents
     # model
     model_config: dict[str, Any] = field(default_factory=dict)  # VKTConfig arguments (pretrain)
     mixer: str | None = None  # pretrain: "vkt" / "softmax" / "none" in every layer
@@ -153,6 +156,8 @@ class TrainConfig:
             raise ConfigError(
                 f"need 0 <= kd_weight <= 1 and kd_temperature > 0, got {self.kd_weight}, {self.kd_temperature}"
             )
+        if self.streaming and not self.doc_boundaries:
+            raise ConfigError("streaming packs each document on its own: it needs doc_boundaries: true")
         unknown = set(self.model_config) - MODEL_CONFIG_KEYS
         if unknown:  # VKTConfig would keep a misspelled key as an attribute and train the default size
             raise unknown_keys_error("model_config keys", unknown, MODEL_CONFIG_KEYS)
@@ -382,11 +387,26 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> tuple[torch.
 # --- data, evaluation, logging, checkpoints -------------------------------------------------------
 
 
-def load_data(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """:func:`vkt_hf.data.prepare_data` for ``cfg``; the tokenizer defaults to the model's own."""
+def load_data(cfg: TrainConfig, world_size: int, rank: int = 0) -> dict[str, Any]:
+    """:func:`vkt_hf.data.prepare_data` for ``cfg`` (:func:`~vkt_hf.data.prepare_streaming_data` with
+    ``streaming``: this process's part of the stream); the tokenizer defaults to the model's own."""
     tokenizer = cfg.tokenizer or cfg.model_name_or_path or cfg.teacher_name_or_path or "byte"
     check_local(cfg.data, "data", " (fetch the book corpus with `python scripts/fetch_corpus.py`, or give --data)")
     check_local(tokenizer, "tokenizer")
+    if cfg.streaming:
+        data = prepare_streaming_data(
+            cfg.data,
+            tokenizer,
+            cfg.seq_len,
+            split=cfg.data_split,
+            text_column=cfg.text_column,
+            val_split=cfg.val_split,
+            val_count=cfg.val_count,
+            max_documents=cfg.max_documents,
+            rank=rank,
+            world_size=world_size,
+        )
+        return {**data, "tokenizer_spec": tokenizer}
     data = prepare_data(
         cfg.data,
         tokenizer,
@@ -420,8 +440,17 @@ def epoch_loader(dataset: Any, cfg: TrainConfig, accelerator: Accelerator, epoch
     )
 
 
-def train_batches(dataset: Any, cfg: TrainConfig, accelerator: Accelerator, start: int):
-    """Endless training batches from micro-batch ``start`` on (epochs reshuffled), so a resume continues exactly."""
+def train_batches(dataset: Any, cfg: TrainConfig, accelerator: Accelerator, start: int, data_state: Any = None):
+    """Endless training batches from micro-batch ``start`` on (epochs reshuffled), so a resume continues exactly.
+
+    A streamed dataset continues from ``data_state`` (this process's position, saved with each checkpoint).
+    """
+    if isinstance(dataset, StreamingPackedDataset):
+        if data_state is not None:
+            dataset.load_state_dict(data_state)
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size):  # endless: epochs restart
+            yield {k: v.to(accelerator.device) for k, v in batch.items()}
+        return
     per_epoch = len(epoch_loader(dataset, cfg, accelerator, 0))
     position = start
     while True:
@@ -458,6 +487,7 @@ class Progress:
     tokens: int = 0
     elapsed_before: float = 0.0
     started: float = field(default_factory=time.time)
+    data_state: dict[str, Any] | None = None  # this process's position in a streamed dataset
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.started
@@ -494,6 +524,11 @@ class Checkpoints:
     def save(self, progress: Progress, model: nn.Module, tokenizer: Any) -> None:
         path = self.root / f"step_{progress.step:06d}"
         self.accelerator.save_state(str(path))
+        if progress.data_state is not None:  # each process's position in its part of a streamed dataset
+            write_text_atomic(
+                path / f"data_state_{self.accelerator.process_index}.json", json.dumps(progress.data_state)
+            )
+            self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             model.save_pretrained(path / "model")
             tokenizer.save_pretrained(path / "model")
@@ -523,7 +558,9 @@ class Checkpoints:
             write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
             print(f"[train] resumed from {path} (step {state['step']})", flush=True)
         self.accelerator.wait_for_everyone()
-        return Progress(state["step"], state["micro_step"], state["tokens"], state["elapsed"])
+        data_state = path / f"data_state_{self.accelerator.process_index}.json"
+        streamed = json.loads(data_state.read_text()) if data_state.exists() else None
+        return Progress(state["step"], state["micro_step"], state["tokens"], state["elapsed"], data_state=streamed)
 
 
 def read_trainer_state(path: Path) -> dict[str, Any] | None:
@@ -626,7 +663,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    data = load_data(cfg, accelerator.num_processes)
+    data = load_data(cfg, accelerator.num_processes, accelerator.process_index)
     setup, optimizer, scheduler = prepare_training(cfg, accelerator, data["tokenizer"])
     checkpoints = Checkpoints(out_dir, accelerator, cfg.save_total_limit)
     progress = checkpoints.resume(metrics) if cfg.resume else checkpoints.fresh_start(metrics)
@@ -635,7 +672,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     setup.trained.train()
     setup.model.train()
-    stream = train_batches(data["train"], cfg, accelerator, progress.micro_step)
+    stream = train_batches(data["train"], cfg, accelerator, progress.micro_step, progress.data_state)
     show = accelerator.is_main_process and cfg.progress
     bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not show, desc=cfg.mode)
     stopped, last_eval, progress.started = None, {}, time.time()
@@ -666,6 +703,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 last_eval = {"step": progress.step, **evaluate(setup.model, data, cfg)}
                 log_metrics(accelerator, metrics, last_eval)
             if cfg.save_every and progress.step % cfg.save_every == 0:
+                if cfg.streaming:
+                    progress.data_state = data["train"].state_dict()
                 checkpoints.save(progress, setup.model, data["tokenizer"])
             stopped = stop_reason(cfg, progress)
             if stopped:
@@ -743,9 +782,9 @@ def run_summary(
             "source": cfg.data,
             "name": cfg.dataset_name or cfg.data,
             "tokenizer": data["tokenizer_spec"],
-            "train_documents": list(data["train_docs"]["name"]),
+            "train_documents": "streamed" if cfg.streaming else list(data["train_docs"]["name"]),
             "val_documents": list(data["val_docs"]["name"]),
-            "train_sequences": len(data["train"]),
+            "train_sequences": None if cfg.streaming else len(data["train"]),
             "val_sequences": len(data["val"]),
             "seq_len": cfg.seq_len,
             "bytes_per_token": data["bytes_per_token"],
