@@ -8,6 +8,7 @@ conversions (``vkt-hf convert ...``) can be added with ``--saved DIR``.
 
 Example:
     python scripts/smollm2_perplexity.py
+    python scripts/smollm2_perplexity.py --no-window    # also the conversion without the local window
     python scripts/smollm2_perplexity.py --saved .cache/vkt-hf/smollm2-vkt-half
 """
 
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", type=Path, default=DEFAULT_SRC, help="SmolLM2 checkpoint (default: %(default)s)")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="held-out text (default: %(default)s)")
     parser.add_argument("--saved", type=Path, action="append", default=[], help="also evaluate a saved conversion")
+    parser.add_argument(
+        "--no-window", action="store_true", help="also convert without the local attention window (the old conversion)"
+    )
     args = parser.parse_args(argv)
     if not (args.src / "config.json").is_file():
         parser.error(f"{args.src} has no checkpoint; run `python scripts/fetch_smollm2.py` first")
@@ -50,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         return AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.float32).eval()
 
     rows = [("original", perplexity(load(), input_ids))]
-    for name, layers in (("all layers VKT", "all"), ("half the layers VKT (even)", "even")):
-        rows.append((name, perplexity(vkt_hf.convert_to_vkt(load(), layers=layers).eval(), input_ids)))
+    variants = [("all layers VKT", "all", {}), ("half the layers VKT (even)", "even", {})]
+    if args.no_window:
+        variants += [(f"{name}, no window", layers, {"local_attention": False}) for name, layers, _ in variants]
+    for name, layers, options in variants:
+        rows.append((name, perplexity(vkt_hf.convert_to_vkt(load(), layers=layers, **options).eval(), input_ids)))
     for path in args.saved:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         vkt_count = f"{len(model.config.vkt_layers)}/{model.config.num_hidden_layers} layers VKT"
