@@ -6,8 +6,10 @@ the mean next-token loss over non-overlapping ``L``-token segments of the first 
 tokens of the text, each segment read from its start (so at 2,048 tokens most positions see
 far more context than the 64-token window).
 
-Models are either built here from the original checkpoint, untrained (``--variant``), or loaded
-from saved directories (``--model NAME=DIR``, e.g. the output of a distillation stage):
+Models are either built here from the original checkpoint, untrained (``--variant``), loaded from
+saved directories (``--model NAME=DIR``, e.g. the output of a distillation stage), or rebuilt from a
+training checkpoint (``--checkpoint "NAME=CKPT_DIR TRAIN FLAGS"``: the model the flags of
+``recipes/train.py`` describe, with the checkpoint's full state loaded and LoRA merged):
 
 * ``original`` -- the checkpoint as shipped;
 * ``all`` / ``half`` -- the default conversion (window + sink + VKT) of all 30 layers / the even 15;
@@ -21,6 +23,10 @@ trained on).
     python scripts/conversion_quality.py --variant original all half all-mean half-mean \\
         --json docs/quality/untrained.json
 
+    python scripts/conversion_quality.py --checkpoint "window=runs/quality/window/stage2/checkpoints/step_000020 \\
+        --config recipes/configs/smollm2_stage2_all.yaml --model_name_or_path .cache/vkt-hf/smollm2-135m-instruct \\
+        --convert_layers all --vkt_options {vkt_terms: false}"
+
 ``--switch-off`` also scores each saved model with one branch switched off at evaluation time
 (``-window``: the VKT terms alone; ``-vkt``: the window + sink alone), to show what each costs.
 """
@@ -31,13 +37,16 @@ import argparse
 import copy
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vkt_hf
+from vkt_hf import training
 from vkt_hf.evaluation import sequence_nll
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +72,17 @@ def load_variant(src: Path, name: str) -> torch.nn.Module:
         layers, options = VARIANTS[name]
         model = vkt_hf.convert_to_vkt(model, layers=layers, **options)
     return model.eval()
+
+
+def load_checkpoint(spec: str) -> torch.nn.Module:
+    """``"CKPT_DIR TRAIN FLAGS"``: the model those flags train, with ``CKPT_DIR/model.safetensors`` loaded, LoRA merged."""
+    checkpoint, *flags = shlex.split(spec)
+    cfg = training.load_config([*flags, "--kd_weight", "0"])  # the model only: no teacher
+    model = training.SETUPS[cfg.mode](cfg, None, torch.device("cpu")).model
+    missing, unexpected = model.load_state_dict(load_file(str(Path(checkpoint, "model.safetensors"))), strict=False)
+    if unexpected or any(not key.endswith("lm_head.weight") for key in missing):  # the head is tied, not saved
+        raise SystemExit(f"error: {checkpoint} does not match the model its flags describe: {missing or unexpected}")
+    return (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model).eval()
 
 
 def switch_off(model: torch.nn.Module, branch: str) -> torch.nn.Module:
@@ -102,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", type=Path, default=DEFAULT_SRC, help="SmolLM2 checkpoint (default: %(default)s)")
     parser.add_argument("--variant", nargs="*", default=[], choices=sorted(VARIANTS), help="untrained models")
     parser.add_argument("--model", action="append", default=[], help="NAME=DIR of a saved model")
+    parser.add_argument("--checkpoint", action="append", default=[], help='"NAME=CKPT_DIR TRAIN FLAGS"')
     parser.add_argument("--texts", nargs="*", default=list(TEXTS), choices=sorted(TEXTS))
     parser.add_argument("--lengths", nargs="*", type=int, default=[512, 2048])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens scored per text (default: %(default)s)")
@@ -110,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.src / "config.json").is_file():
         parser.error(f"{args.src} has no checkpoint; run `python scripts/fetch_smollm2.py` first")
-    models = [(name, None) for name in args.variant]
+    models: list[tuple[str, Path | str | None]] = [(name, None) for name in args.variant]
     for spec in args.model:
         name, sep, path = spec.partition("=")
         if not sep or not Path(path, "config.json").is_file():
@@ -118,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         models.append((name, Path(path)))
         if args.switch_off:
             models += [(f"{name}-window", Path(path)), (f"{name}-vkt", Path(path))]
+    for spec in args.checkpoint:
+        name, sep, rest = spec.partition("=")
+        if not sep or not Path(shlex.split(rest)[0], "model.safetensors").is_file():
+            parser.error(f"--checkpoint takes 'NAME=CKPT_DIR TRAIN FLAGS' of a training checkpoint, got {spec!r}")
+        models.append((name, rest))
+        if args.switch_off:
+            models += [(f"{name}-window", rest), (f"{name}-vkt", rest)]
     if not models:
         parser.error("give at least one --variant or --model")
 
@@ -131,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         if path is None:
             model = load_variant(args.src, name)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            model = (
+                load_checkpoint(path) if isinstance(path, str) else AutoModelForCausalLM.from_pretrained(path).eval()
+            )
             for branch in ("window", "vkt"):
                 if args.switch_off and name.endswith(f"-{branch}"):
                     switch_off(model, branch)
