@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
@@ -496,6 +497,16 @@ class Progress:
         return {"step": self.step, "micro_step": self.micro_step, "tokens": self.tokens, "elapsed": self.elapsed()}
 
 
+def full_state_dict(accelerator: Accelerator, model: nn.Module, trained: nn.Module | None) -> dict | None:
+    """Under FSDP, the model's full state dict gathered from its shards (every process must call this);
+    ``None`` otherwise, where ``save_pretrained`` reads the parameters themselves."""
+    if accelerator.distributed_type != DistributedType.FSDP or trained is None:
+        return None
+    if accelerator.unwrap_model(trained) is not model:  # distillation trains a wrapper of some layers
+        return None
+    return accelerator.get_state_dict(trained)
+
+
 class Checkpoints:
     """``<output_dir>/checkpoints/step_N/``: save (accelerate state -- model, optimizer, scheduler,
     RNG -- plus ``trainer_state.json`` and ``model/``), find the latest, and resume from it.
@@ -521,16 +532,17 @@ class Checkpoints:
                 print(f"[train] skipping incomplete checkpoint {path}", flush=True)
         return None
 
-    def save(self, progress: Progress, model: nn.Module, tokenizer: Any) -> None:
+    def save(self, progress: Progress, model: nn.Module, tokenizer: Any, trained: nn.Module | None = None) -> None:
         path = self.root / f"step_{progress.step:06d}"
         self.accelerator.save_state(str(path))
+        state_dict = full_state_dict(self.accelerator, model, trained)
         if progress.data_state is not None:  # each process's position in its part of a streamed dataset
             write_text_atomic(
                 path / f"data_state_{self.accelerator.process_index}.json", json.dumps(progress.data_state)
             )
             self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            model.save_pretrained(path / "model")
+            model.save_pretrained(path / "model", state_dict=state_dict)
             tokenizer.save_pretrained(path / "model")
             write_text_atomic(path / "trainer_state.json", json.dumps(progress.state(), indent=2))
             old = self._all()
@@ -629,13 +641,17 @@ def stop_reason(cfg: TrainConfig, progress: Progress) -> str | None:
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # without a GPU, DDP processes started by `accelerate launch --multi_gpu` / torchrun use CPU + gloo
     cpu = cfg.cpu if cfg.cpu is not None else not torch.accelerator.is_available()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the world size
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to in ("none", "", None) else cfg.report_to,
         project_dir=cfg.output_dir,
     )
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP and accelerator.is_main_process:
+        print("[train] an FSDP config on CPU processes: accelerate runs it as DDP (it shards on GPUs)", flush=True)
+    return accelerator
 
 
 def prepare_training(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any) -> tuple[Setup, Any, Any]:
@@ -646,6 +662,12 @@ def prepare_training(cfg: TrainConfig, accelerator: Accelerator, tokenizer: Any)
         setup.model.gradient_checkpointing_enable()
     setup.params = [p for p in setup.trained.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(cfg, setup.params)
+    if accelerator.state.deepspeed_plugin is not None:
+        # DeepSpeed sizes its batches from a dataloader passed to `prepare`; ours are built per epoch (or
+        # streamed), so it gets the micro-batch and the accumulation as accelerate's error message offers
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds_config["gradient_accumulation_steps"] = cfg.grad_accum
     model_is_trained = setup.trained is setup.model
     setup.trained, optimizer, scheduler = accelerator.prepare(setup.trained, optimizer, scheduler)
     if model_is_trained:
@@ -705,7 +727,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.save_every and progress.step % cfg.save_every == 0:
                 if cfg.streaming:
                     progress.data_state = data["train"].state_dict()
-                checkpoints.save(progress, setup.model, data["tokenizer"])
+                checkpoints.save(progress, setup.model, data["tokenizer"], setup.trained)
             stopped = stop_reason(cfg, progress)
             if stopped:
                 break
@@ -746,8 +768,9 @@ def finish(
     final = {"step": progress.step, "tokens": progress.tokens, "train_time_s": round(progress.elapsed(), 1)}
     summary = run_summary(cfg, setup, data, parameters, {**final, **last_eval}, stopped, accelerator.num_processes)
     out_dir = Path(cfg.output_dir)
+    state_dict = full_state_dict(accelerator, setup.model, setup.trained)
     if accelerator.is_main_process:
-        setup.model.save_pretrained(out_dir / "model")
+        setup.model.save_pretrained(out_dir / "model", state_dict=state_dict)
         data["tokenizer"].save_pretrained(out_dir / "model")
         write_text_atomic(out_dir / "run.json", json.dumps(summary, indent=2))
         print(f"[train] done: {out_dir / 'model'}  val_loss={last_eval['val_loss']:.4f}", flush=True)
