@@ -22,17 +22,37 @@ def refuse_rollback_generation(model, generation_mode) -> None:
         raise ValueError(NO_ROLLBACK.format(name=type(model).__name__))
 
 
-def sequence_starts(position_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """``(B, N)`` bool, True where a packed sequence starts after the first token, from ``position_ids``; or ``None``.
+def sequence_starts(
+    position_ids: torch.Tensor | None,
+    cu_seq_lens: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``(B, N)`` bool, True where a packed sequence starts after an earlier one in the row; ``None`` if none does.
 
-    A packed (padding-free) row holds several sequences end to end, each with positions counting from 0
-    (transformers' ``DataCollatorWithFlattening``); a new sequence starts wherever a position is not the one
-    before plus 1. ``None`` when no row restarts (a plain batch).
+    A packed (padding-free) row holds several sequences end to end (transformers' ``DataCollatorWithFlattening``):
+    each one's ``position_ids`` count from 0 again, and the flash-attention path also passes their cumulative
+    lengths ``cu_seq_lens`` (1-D, over a single row). A sequence starts where a position is not the one before
+    plus 1, or at a cumulative length. With the padding ``mask`` ``(B, N)``, only real tokens that follow a real
+    token can start one: left padding (positions ``0, 0, 0, 1, ...``) and right padding are not packing.
     """
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
+    if mask is not None:
+        shape = mask.shape
+    elif position_ids is not None and position_ids.dim() == 2:
+        shape = position_ids.shape
+    else:
         return None
-    starts = torch.zeros(position_ids.shape, dtype=torch.bool, device=position_ids.device)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    starts = torch.zeros(shape, dtype=torch.bool, device=mask.device if mask is not None else position_ids.device)
+    if position_ids is not None and position_ids.dim() == 2 and shape[-1] > 1:
+        positions = position_ids.to(starts.device).expand(shape)
+        starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    if cu_seq_lens is not None and cu_seq_lens.dim() == 1 and shape[0] == 1:
+        bounds = cu_seq_lens[1:-1].to(device=starts.device, dtype=torch.long)
+        starts[0, bounds[(bounds > 0) & (bounds < shape[-1])]] = True
+    if mask is not None:
+        real = mask != 0
+        starts &= real & (real.long().cumsum(-1) - real.long() > 0)
+    else:
+        starts[:, 0] = False
     return starts if bool(starts.any()) else None
 
 

@@ -23,6 +23,7 @@ from transformers import initialization as init
 from .. import ops
 from ..cache import VKTState, vkt_state_layer
 from ..ops import functional as vkt
+from ..utils import sequence_starts
 
 
 def padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -153,6 +154,15 @@ class Projections:
 
         return Projections(**{f.name: cut(getattr(self, f.name), f.name) for f in fields(self)})
 
+    def row(self, b: int) -> Projections:
+        """Batch row ``b`` alone, as a batch of one (``gates`` has the batch second)."""
+        pick = slice(b, b + 1)
+
+        def cut(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
+            return None if t is None else (t[:, pick] if name == "gates" else t[pick])
+
+        return Projections(**{f.name: cut(getattr(self, f.name), f.name) for f in fields(self)})
+
 
 def mix(
     proj: Projections,
@@ -218,6 +228,38 @@ def mix(
         attended, new_state = _window_attention(proj, mask.bool(), state, new_state, layer, summary)
         mixed = mixed + attended
     return mixed, a, new_state
+
+
+def mix_packed(
+    proj: Projections, mask: torch.Tensor, starts: torch.Tensor, layer: VKTAttention
+) -> tuple[torch.Tensor, torch.Tensor, VKTState | None]:
+    """:func:`mix` over packed rows: each sequence of a row mixes from a fresh state, exactly as if alone.
+
+    ``starts`` ``(B, N)`` marks the tokens that start a sequence after another one in their row
+    (:func:`vkt_hf.utils.sequence_starts`, from ``position_ids`` or ``cu_seq_lens``). A row is cut there,
+    and every ``mixer_chunk_size`` tokens inside a sequence (carrying its state). Returns the mixed heads
+    ``(B, H, N, d)``, ``a`` ``(B, H, N)`` and the rows' states after their last sequence.
+    """
+    length = mask.shape[-1]
+    chunk = layer.config.mixer_chunk_size if layer.causal else length
+    outs, scalars, states = [], [], []
+    for b in range(mask.shape[0]):
+        row, pieces, state = proj.row(b), [], None
+        bounds = [0, *starts[b].nonzero().flatten().tolist(), length]
+        for first, last in zip(bounds[:-1], bounds[1:]):
+            state = None  # a new sequence: nothing before it is its context
+            for start in range(first, last, chunk):
+                end = min(start + chunk, last)
+                out, a, state = mix(row.chunk(start, end), mask[b : b + 1, start:end], state, layer)
+                pieces.append((out, a))
+        outs.append(torch.cat([out for out, _ in pieces], dim=-2))
+        scalars.append(torch.cat([a for _, a in pieces], dim=-1))
+        states.append(state)
+    merged = None
+    if all(state is not None for state in states):
+        columns = zip(*([getattr(state, f.name) for f in fields(VKTState)] for state in states))
+        merged = VKTState(*(None if column[0] is None else torch.cat(column) for column in columns))
+    return torch.cat(outs), torch.cat(scalars), merged
 
 
 def _window_attention(
@@ -436,6 +478,8 @@ class VKTAttention(nn.Module):
                 flag is accepted for API compatibility).
             position_embeddings: RoPE ``(cos, sin)`` ``(B, N, d)`` from a converted model's
                 rotary module, used by the local attention window; computed here when absent.
+            position_ids, cu_seq_lens_q (in ``kwargs``): where packed sequences start (positions that
+                restart, cumulative lengths); each then mixes from a fresh state, as alone.
 
         Returns:
             ``(output (B, N, hidden), a (B, H, N))``; ``a`` is the tensor the output was computed
@@ -471,11 +515,16 @@ class VKTAttention(nn.Module):
         proj = self.project(hidden_states, rotary)
         chunk = self.config.mixer_chunk_size if self.causal else length
         outputs, scalars = [], []
-        for start in range(0, length, chunk):
-            end = min(start + chunk, length)
-            out, a, state = mix(proj.chunk(start, end), mask[:, start:end], state, self)
-            outputs.append(out)
-            scalars.append(a)
+        starts = sequence_starts(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"), mask)
+        if starts is not None:  # packed sequences (DataCollatorWithFlattening): each from a fresh state
+            mixed, a, state = mix_packed(proj, mask, starts, self)
+            outputs, scalars = [mixed], [a]
+        else:
+            for start in range(0, length, chunk):
+                end = min(start + chunk, length)
+                out, a, state = mix(proj.chunk(start, end), mask[:, start:end], state, self)
+                outputs.append(out)
+                scalars.append(a)
         if slot is not None:
             slot.update_state(state, length)
         mixed = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]  # (B, H, N, d)
