@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # lowest supported transformers, tested by `make test-min`
 TRANSFORMERS_MIN ?= 5.4.0
 
-.PHONY: setup test test-slow test-common test-min main lint clean
+.PHONY: setup test test-slow test-fuzz test-common test-min main lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# the property / fuzz suite at full size (tests/test_fuzz.py: over 10^4 cases, ~5 min on 2 cores; `make test`
+# runs a small fixed sample of it); prints the number of cases and failing properties
+test-fuzz: setup
+	VKT_FUZZ=1 $(PY) -m pytest -q -m fuzz -p no:cacheprovider tests/test_fuzz.py
 
 # transformers' own common model tests (ModelTesterMixin, ConfigTester, TrainingTesterMixin), taken from the
 # sdist of the installed transformers into .cache/ (pip download), on the native and a converted hybrid model

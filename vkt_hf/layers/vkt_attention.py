@@ -510,7 +510,8 @@ class VKTAttention(nn.Module):
             )
         mask = padding_mask(attention_mask, batch, length, hidden_states.device)
         if length == 0:  # nothing to mix: empty outputs, the state as it was
-            return self.o_proj(hidden_states), hidden_states.new_zeros(batch, self.num_heads, 0)
+            empty = hidden_states.new_zeros(batch, 0, self.num_heads * self.head_dim)
+            return self.o_proj(empty), hidden_states.new_zeros(batch, self.num_heads, 0)
         rotary = self._rotary(attention_mask, position_embeddings, batch, length, past, hidden_states.device)
         proj = self.project(hidden_states, rotary)
         chunk = self.config.mixer_chunk_size if self.causal else length

@@ -269,9 +269,9 @@ def global_inputs(
     """The weights and starting sums of :func:`global_context`, scaled so no sum overflows.
 
     A mean does not change when every weight is divided by one number, so the weights and the
-    starting total are divided by their largest value (per sequence and head): each weighted
-    vector ``w_j R_j / scale`` is then at most ``|R_j|``, and ``w R`` never overflows for finite
-    ``R``. Padded positions and real tokens whose vector or weight is not finite are selected
+    starting total are divided by the power of two just above their largest value (per sequence
+    and head): each weighted vector ``w_j R_j / scale`` is then at most ``|R_j|``, and ``w R``
+    never overflows for finite ``R``. Padded positions and real tokens whose vector or weight is not finite are selected
     out (never multiplied by 0: ``0 * NaN = NaN``); the latter are returned as ``bad``.
     """
     if state is not None and not causal:
@@ -289,7 +289,12 @@ def global_inputs(
         start_mean, start_total = state[0].to(acc), state[1].to(acc)
     w = torch.where(use, w, 0)
     peak = w.detach().amax(-1) if w.shape[-1] else torch.zeros_like(start_total)
-    scale = torch.maximum(start_total.detach(), peak).clamp(min=torch.finfo(acc).tiny)  # (B, H)
+    peak = torch.maximum(start_total.detach(), peak).clamp(min=torch.finfo(acc).tiny)  # (B, H)
+    # a power of two: dividing by it is exact, so every sum is the same bits whatever the scale (a huge
+    # later token changes the scale, not the earlier tokens' results: causality holds bit for bit)
+    top = 127 if acc == torch.float32 else 1023  # 2^128 is inf in float32
+    exponent = torch.frexp(peak).exponent.clamp(max=top)
+    scale = torch.ldexp(torch.ones_like(peak), exponent)
     total = start_total / scale
     initial = torch.cat([start_mean * total.unsqueeze(-1), total.unsqueeze(-1)], dim=-1)
     return GlobalInputs(use, w / scale.unsqueeze(-1), initial, start_mean, scale, real & ~finite)
@@ -472,7 +477,7 @@ def fill_sink(
     """Store the first ``s`` real tokens of the sequence as the attention sink.
 
     Slot ``j`` of the sink holds the real token of rank ``j``; slots already filled by an
-    earlier chunk are kept. Cost ``O(N * s * d)``.
+    earlier chunk are kept. Cost ``O(N * s + s * d)``.
 
     Args:
         keys, values: ``(B, Hk, N, d)`` of this chunk.
@@ -484,19 +489,20 @@ def fill_sink(
         The updated sink, same shapes.
     """
     sink_keys, sink_values, filled = sink
+    if keys.shape[2] == 0:
+        return sink
     slots = torch.arange(filled.shape[-1], device=mask.device)
-    select = (mask[:, :, None] & (rank[:, :, None] == slots)).to(keys.dtype)  # (B, N, s) one-hot per slot
-    # only sink tokens enter the product: padding and later tokens may hold anything, even NaN or inf
-    sinking = (mask & (rank < filled.shape[-1]))[:, None, :, None]
-    safe_keys = torch.where(sinking, keys, 0)
-    safe_values = torch.where(sinking, values, 0)
-    new_keys = torch.einsum("bns,bhnd->bhsd", select, safe_keys)
-    new_values = torch.einsum("bns,bhnd->bhsd", select, safe_values)
-    keep = filled[:, None, :, None]
+    select = mask[:, :, None] & (rank[:, :, None] == slots)  # (B, N, s): the token of each slot
+    found = select.any(1)  # (B, s)
+    # gathered, not summed with one-hot weights: the other tokens may hold anything (0 * NaN = NaN)
+    index = select.to(torch.int8).argmax(1)[:, None, :, None]  # (B, 1, s, 1)
+    new_keys = keys.gather(2, index.expand(-1, keys.shape[1], -1, keys.shape[-1]))
+    new_values = values.gather(2, index.expand(-1, values.shape[1], -1, values.shape[-1]))
+    keep = (filled | ~found)[:, None, :, None]
     return (
-        torch.where(keep, sink_keys, new_keys),
-        torch.where(keep, sink_values, new_values),
-        filled | select.bool().any(1),
+        torch.where(keep, sink_keys.to(new_keys.dtype), new_keys),
+        torch.where(keep, sink_values.to(new_values.dtype), new_values),
+        filled | found,
     )
 
 

@@ -98,7 +98,11 @@ def global_context(
                     num, den = num + f * vector[j], den + f
             sums.append(num / den)
             totals.append(den)
-    context = torch.stack(contexts).view(batch, heads, length, dim)
+    context = (
+        torch.stack(contexts).view(batch, heads, length, dim)
+        if contexts
+        else stream.new_zeros(stream.shape, dtype=_F64)
+    )
     return context, (torch.stack(sums).view(batch, heads, dim), torch.stack(totals).view(batch, heads))
 
 
@@ -136,7 +140,11 @@ def local_context(
                     contexts.append(sum(vectors[b, h, j + window].to(_F64) for j in near) / len(near))
                 else:
                     contexts.append(null[h].to(_F64))
-    context = torch.stack(contexts).view(batch, heads, length, dim)
+    context = (
+        torch.stack(contexts).view(batch, heads, length, dim)
+        if contexts
+        else stream.new_zeros(stream.shape, dtype=_F64)
+    )
     return context, (vectors[..., -window:, :], torch.cat([state[1].to(mask.dtype), mask], dim=-1)[..., -window:])
 
 
