@@ -4,7 +4,8 @@
 A ``VKTStateLayer`` holds, per sequence in the batch (``H`` heads, ``D`` channels of the
 context stream, ``n`` the local window)::
 
-    weighted_sum  (B, H, D)     running (decayed) weighted sum of the context vectors
+    weighted_sum  (B, H, D)     running (decayed) weighted *mean* of the context vectors (a mean
+                                cannot overflow; the sum it stands for is weighted_sum * weight_total)
     weight_total  (B, H)        the matching sum of weights
     window        (B, H, n, D)  the last n context vectors, for the local mean
     window_mask   (B, n)        which of those are real tokens
