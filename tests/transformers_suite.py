@@ -71,16 +71,15 @@ def _fetch() -> None:
         if done.returncode != 0 or not archives:
             raise Unavailable(f"pip download of the transformers {VERSION} sdist failed: {done.stderr.strip()[-300:]}")
         target = CACHE / PACKAGE
-        target.mkdir(parents=True, exist_ok=True)
+        for name, text in STAND_INS.items():  # first: `load` takes the cache as complete once FILES are there
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_text(text)
         with tarfile.open(archives[0]) as archive:
             for name in FILES:
                 member = archive.extractfile(f"transformers-{VERSION}/tests/{name}")
                 if member is None:
                     raise Unavailable(f"the transformers {VERSION} sdist has no tests/{name}")
                 (target / name).write_bytes(member.read())
-        for name, text in STAND_INS.items():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            (target / name).write_text(text)
 
 
 def load(module: str):
