@@ -239,11 +239,13 @@ def scalar_attention(
         ``(B, H, N)`` in the accumulation dtype.
     """
     acc = accumulation_dtype(scores.dtype)
-    # K . T in float64: the products of two float32 numbers cannot overflow there, so contexts of
-    # any finite size give a finite (or, past float64's range, a saturated) ratio, never inf - inf
-    denominator = (global_context.double() * local_context.double()).sum(-1)
-    ratio = scores.double() / guard(denominator, eps)
-    finite = torch.finfo(acc).max  # a ratio beyond the accumulation dtype saturates there
+    denominator = (global_context.to(acc) * local_context.to(acc)).sum(-1)
+    if _all(torch.isfinite(denominator)):
+        ratio = scores.to(acc) / guard(denominator, eps)
+    else:  # K . T overflowed (contexts ~1e19 and up): in float64, where a product of two float32 cannot
+        denominator = (global_context.double() * local_context.double()).sum(-1)
+        ratio = scores.double() / guard(denominator, eps)
+    finite = torch.finfo(acc).max  # a ratio beyond the accumulation dtype saturates there (no inf / inf)
     return normalize(ratio.clamp(-finite, finite).to(acc), normalization)
 
 
@@ -279,7 +281,7 @@ def global_inputs(
     acc = accumulation_dtype(stream.dtype)
     batch, heads, _, dim = stream.shape
     w = weights.to(acc)
-    finite = torch.isfinite(w) & torch.isfinite(stream).all(-1)  # (B, H, N)
+    finite = torch.isfinite(w) & finite_rows(stream)  # (B, H, N)
     real = (mask != 0)[:, None, :]  # (B, 1, N)
     use = real & finite
     if state is None:
@@ -298,6 +300,13 @@ def global_inputs(
     total = start_total / scale
     initial = torch.cat([start_mean * total.unsqueeze(-1), total.unsqueeze(-1)], dim=-1)
     return GlobalInputs(use, w / scale.unsqueeze(-1), initial, start_mean, scale, real & ~finite)
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``isfinite(x).all(-1)``, ~10x faster on CPU: the largest and smallest entries are finite (NaN propagates)."""
+    if x.shape[-1] == 0:
+        return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return torch.isfinite(x.amax(-1)) & torch.isfinite(x.amin(-1))
 
 
 def global_outputs(
@@ -338,6 +347,8 @@ def weighted_mean(sums: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     dim = sums.shape[-1] - 1
     total = sums[..., dim:]
     positive = total > 0
+    if _all(positive):
+        return sums[..., :dim] / total
     return torch.where(positive, sums[..., :dim] / torch.where(positive, total, 1), fallback)
 
 
@@ -376,7 +387,7 @@ def global_context(
     inputs = global_inputs(stream, weights, mask, null, state, causal)
     acc = inputs.weights.dtype
     w = inputs.weights  # (B, H, N)
-    vectors = torch.where(inputs.use.unsqueeze(-1), stream.to(acc), 0)
+    vectors = stream.to(acc) if _all(inputs.use) else torch.where(inputs.use.unsqueeze(-1), stream.to(acc), 0)
     x = torch.cat([vectors * w.unsqueeze(-1), w.unsqueeze(-1)], dim=-1)  # (B, H, N, D + 1)
     ld = None if log_decay is None else log_decay.to(acc)[None, :, None] * (mask != 0).to(acc)[:, None, :]
     inclusive = _decayed_cumsum(x, ld, inputs.initial, chunk_size)  # (B, H, N, D + 1)
@@ -441,7 +452,8 @@ def counted_vectors(vectors: torch.Tensor, mask: torch.Tensor, heads: int) -> to
     """``[R_j, 1]`` for real tokens and zeros for padding ``(B, H, N, D + 1)``: padding is selected
     out, never multiplied by 0 (``0 * NaN = NaN``)."""
     real = (mask != 0)[:, None, :, None].expand(-1, heads, -1, 1)  # (B, H, N, 1)
-    return torch.cat([torch.where(real, vectors, 0), real.to(vectors.dtype)], dim=-1)
+    selected = vectors if _all(real) else torch.where(real, vectors, 0)
+    return torch.cat([selected, real.to(vectors.dtype)], dim=-1)
 
 
 def decay_logit_init(num_heads: int) -> torch.Tensor:
@@ -615,7 +627,7 @@ def _attend(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     ``0 * inf = NaN`` would carry a non-finite value to earlier queries: such values are set
     to 0 in the product, and the queries that do weigh them get NaN.
     """
-    finite = torch.isfinite(values).all(-1)  # (..., keys)
+    finite = finite_rows(values)  # (..., keys)
     if _all(finite):
         return weights @ values
     out = weights @ torch.where(finite.unsqueeze(-1), values, 0)

@@ -162,6 +162,8 @@ def global_context(
         excl, carry = _global_block(x, ld, carry, CHUNK, mats)
         if out is None:
             pieces.append(ref.weighted_mean(excl, start))  # (B, H, L, D)
+        elif bool((excl[..., dim:] > 0).all()):
+            torch.div(excl[..., :dim], excl[..., dim:], out=out[:, :, begin:end])
         else:
             out[:, :, begin:end] = ref.weighted_mean(excl, start)
     context = out if out is not None else torch.cat(pieces, dim=-2)
