@@ -25,7 +25,7 @@ trained on).
 
     python scripts/conversion_quality.py --checkpoint "window=runs/quality/window/stage2/checkpoints/step_000020 \\
         --config recipes/configs/smollm2_stage2_all.yaml --model_name_or_path .cache/vkt-hf/smollm2-135m-instruct \\
-        --convert_layers all --vkt_options {vkt_terms: false}"
+        --convert_layers all --vkt_options '{vkt_terms: false}'"
 
 ``--switch-off`` also scores each saved model with one branch switched off at evaluation time
 (``-window``: the VKT terms alone; ``-vkt``: the window + sink alone), to show what each costs.
@@ -167,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                     switch_off(model, branch)
         results[name] = {f"{t}@{n}": perplexity_at(model, ids, n) for t, ids in texts.items() for n in args.lengths}
         print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in results[name].values()) + " |", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"tokens_per_text": args.tokens, "texts": {t: TEXTS[t][0] for t in texts}, "results": results}
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        if args.json:  # after every model, so an interrupted run keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            record = {"tokens_per_text": args.tokens, "texts": {t: TEXTS[t][0] for t in texts}, "results": results}
+            args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
