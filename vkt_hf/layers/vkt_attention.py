@@ -13,6 +13,7 @@ transformers decoder layer pass (``cache`` or ``past_key_values``, 2-D or 4-D ma
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -50,7 +51,7 @@ def padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, d
             f"attention_mask of shape {tuple(attention_mask.shape)} does not fit {batch} sequences of {length} new tokens"
         )
     if attention_mask.dim() == 2:
-        check_padding_mask(attention_mask, new=length)
+        check_padding_mask(attention_mask)
         return attention_mask[:, -length:].to(device=device, dtype=torch.float32)
     if attention_mask.shape[-2] != length:
         raise ValueError(f"the 4-D attention_mask has {attention_mask.shape[-2]} queries, the input {length} tokens")
@@ -59,7 +60,12 @@ def padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, d
     return keep.to(device=device, dtype=torch.float32)
 
 
-def check_padding_mask(mask: torch.Tensor, new: int | None = None) -> None:
+#: the last 2-D mask found valid and its version: every layer of one forward gets the same tensor,
+#: so the check runs once per forward (once per decoding step), not once per layer
+_CHECKED: tuple[weakref.ref, int] | None = None
+
+
+def check_padding_mask(mask: torch.Tensor) -> None:
     """Raise ``ValueError`` unless the 2-D ``mask`` ``(B, tokens)`` holds only 0 and 1 and has no hole.
 
     Not 0/1: a mask of 2s, -1s or an additive 0 / -inf mask would otherwise be used as weights.
@@ -67,22 +73,17 @@ def check_padding_mask(mask: torch.Tensor, new: int | None = None) -> None:
     cache, or padding in the middle) is refused because padding is *not context*: a padded
     position takes no slot of any window and does not age the decay, which only left padding (and
     right padding, with nothing real after it) makes consistent. See ``docs/method.md``.
-
-    ``new``: only the last ``new`` positions are new (a cached step): the earlier ones were checked
-    when they were new, so only the new ones and their boundary are, and decoding stays O(1) a token.
     """
-    prior_real = None
-    if new is not None and new < mask.shape[-1]:
-        prior_real = mask[:, : -new - 1].any(-1, keepdim=True)  # (B, 1): a real token long before
-        mask = mask[:, -new - 1 :]  # the new positions and the one before them
+    global _CHECKED
+    if _CHECKED is not None and _CHECKED[0]() is mask and _CHECKED[1] == mask._version:
+        return
     real = mask != 0
     not_binary = torch.zeros_like(real) if mask.dtype == torch.bool else ~((mask == 0) | (mask == 1))
     after_real = real.long().cumsum(-1) > 0
-    if prior_real is not None:
-        after_real = after_real | prior_real
     before_real = real.flip(-1).long().cumsum(-1).flip(-1) > 0
     hole = ~real & after_real & before_real
     if not bool((not_binary | hole).any()):
+        _CHECKED = (weakref.ref(mask), mask._version)
         return
     if bool(not_binary.any()):
         values = sorted({float(v) for v in mask[not_binary].unique()[:4].tolist()})
@@ -92,9 +93,8 @@ def check_padding_mask(mask: torch.Tensor, new: int | None = None) -> None:
         )
     row, position = (int(i) for i in hole.nonzero()[0])
     raise ValueError(
-        f"attention_mask row {row} has padding between real tokens (at {position} of its last {mask.shape[-1]} "
-        "positions); VKT layers take left padding (and right padding with nothing real after it): pad on the "
-        "left (tokenizer.padding_side='left')"
+        f"attention_mask row {row} has padding at position {position} between real tokens; VKT layers take left "
+        "padding (and right padding with nothing real after it): pad on the left (tokenizer.padding_side='left')"
     )
 
 
