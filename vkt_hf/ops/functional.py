@@ -239,14 +239,16 @@ def scalar_attention(
         ``(B, H, N)`` in the accumulation dtype.
     """
     acc = accumulation_dtype(scores.dtype)
-    denominator = (global_context.to(acc) * local_context.to(acc)).sum(-1)
-    if _all(torch.isfinite(denominator)):
-        ratio = scores.to(acc) / guard(denominator, eps)
-    else:  # K . T overflowed (contexts ~1e19 and up): in float64, where a product of two float32 cannot
-        denominator = (global_context.double() * local_context.double()).sum(-1)
-        ratio = scores.double() / guard(denominator, eps)
     finite = torch.finfo(acc).max  # a ratio beyond the accumulation dtype saturates there (no inf / inf)
-    return normalize(ratio.clamp(-finite, finite).to(acc), normalization)
+    denominator = (global_context.to(acc) * local_context.to(acc)).sum(-1)
+    ratio = scores.to(acc) / guard(denominator, eps)
+    overflowed = ~torch.isfinite(denominator)
+    if not _all(~overflowed):  # K . T overflowed (contexts ~1e19 and up): redone in float64 for those tokens,
+        # where a product of two float32 cannot overflow (the others keep their bits: causality is exact)
+        wide = (global_context.double() * local_context.double()).sum(-1)
+        wide = (scores.double() / guard(wide, eps)).clamp(-finite, finite).to(acc)
+        ratio = torch.where(overflowed, wide, ratio)
+    return normalize(ratio.clamp(-finite, finite), normalization)
 
 
 class GlobalInputs(NamedTuple):
