@@ -24,8 +24,8 @@ def pytest_configure(config) -> None:
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """After a run of ``tests/test_fuzz.py``: how many cases ran, and how many properties failed."""
-    fuzz = sys.modules.get("tests.test_fuzz")
-    if fuzz is None or not fuzz.CASES:
+    fuzz = sys.modules.get("tests.test_fuzz") or sys.modules.get("test_fuzz")
+    if fuzz is None or not getattr(fuzz, "CASES", None):
         return
     failed = [r for r in terminalreporter.stats.get("failed", []) if "test_fuzz.py" in r.nodeid]
     counts = ", ".join(f"{name} {n}" for name, n in fuzz.CASES.items())
