@@ -243,6 +243,22 @@ def test_1_layer_padding_holds_anything_without_leaking(variant, poison):
     torch.testing.assert_close(torch.cat(steps, 1)[0, 4:], alone[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_1_model_padding_holds_anything_without_leaking(variant, poison):
+    """Through the whole model, softmax layers of a hybrid included (their masked weight 0 times NaN)."""
+    model = tiny_model(variant)
+    embeds = model.get_input_embeddings()(torch.randint(0, NATIVE_VOCAB, (2, 8), generator=torch.Generator()))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    dirty = embeds.clone()
+    dirty[0, :3] = poison
+    with torch.no_grad():
+        clean_logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+        dirty_logits = model(inputs_embeds=dirty, attention_mask=mask).logits
+    torch.testing.assert_close(dirty_logits[0, 3:], clean_logits[0, 3:])
+    torch.testing.assert_close(dirty_logits[1], clean_logits[1])
+
+
 @pytest.mark.parametrize("variant", list(LAYER_VARIANTS))
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e30])
 def test_2_layer_a_bad_future_token_does_not_reach_the_past(variant, poison):

@@ -274,6 +274,9 @@ class VKTModel(VKTPreTrainedModel):
         position_ids = position_ids.expand(batch, length)
         rotary = vkt.rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         softmax_mask = self._softmax_mask(hidden_states, attention_mask, cache, position_ids)
+        if attention_mask is not None:  # padding is not context: whatever padded positions hold (NaN, inf)
+            # is zeroed before any layer, so a softmax layer's 0 weight never multiplies it (0 * NaN = NaN)
+            hidden_states = hidden_states.masked_fill(attention_mask[:, -length:, None] == 0, 0)
 
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         if output_hidden_states is None:
