@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # lowest supported transformers, tested by `make test-min`
 TRANSFORMERS_MIN ?= 5.4.0
 
-.PHONY: setup test test-slow test-fuzz test-common test-min main lint clean
+.PHONY: setup test test-slow test-fuzz test-common test-min main publish-main main-scratch lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,17 @@ lint: setup
 	$(PY) -m ruff check vkt_hf recipes benchmarks scripts tests
 	$(PY) -m ruff format --check vkt_hf recipes benchmarks scripts tests
 
+# SmolLM2-135M-Instruct: fetched, converted, distilled and compared with the original (<= 15 min on 2 cores);
+# writes only under runs/main/ (ignored). publish-main copies its report and card into docs/main/ and
+# model_cards/ and regenerates the README's main-job table. main-scratch: the tiny from-scratch comparison.
 main: setup
 	$(PY) recipes/main.py
+
+publish-main: setup
+	$(PY) recipes/main.py --publish
+
+main-scratch: setup
+	$(PY) recipes/main_scratch.py
 
 clean:
 	rm -rf $(VENV) $(VENV)-min

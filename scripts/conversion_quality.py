@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -47,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vkt_hf
 from vkt_hf import training
-from vkt_hf.evaluation import sequence_nll
+from vkt_hf.evaluation import perplexity_at  # the mean loss over L-token segments, each read from its start
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SRC = REPO / ".cache/vkt-hf/smollm2-135m-instruct"
@@ -109,14 +108,6 @@ def text_tokens(tokenizer, name: str, tokens: int) -> torch.Tensor:
     return ids
 
 
-@torch.no_grad()
-def perplexity_at(model: torch.nn.Module, ids: torch.Tensor, length: int) -> float:
-    """Mean NLL over the non-overlapping ``length``-token segments of ``ids``, as a perplexity."""
-    segments = ids[0, : ids.shape[1] // length * length].view(-1, length)
-    nll = torch.cat([sequence_nll(model, seg[None]) for seg in segments], dim=1)
-    return math.exp(float(nll.double().mean()))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, default=DEFAULT_SRC, help="SmolLM2 checkpoint (default: %(default)s)")
@@ -165,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             for branch in ("window", "vkt"):
                 if args.switch_off and name.endswith(f"-{branch}"):
                     switch_off(model, branch)
-        results[name] = {f"{t}@{n}": perplexity_at(model, ids, n) for t, ids in texts.items() for n in args.lengths}
+        by_text = {t: perplexity_at(model, ids, args.lengths) for t, ids in texts.items()}
+        results[name] = {f"{t}@{n}": by_text[t][n] for t in texts for n in args.lengths}
         print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in results[name].values()) + " |", flush=True)
         if args.json:  # after every model, so an interrupted run keeps what it measured
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -212,9 +212,10 @@ def test_finetune_lora_saves_a_merged_model(tmp_path, tiny_llama):
     assert (out / "checkpoints" / "step_000002" / "model" / "adapter_config.json").exists()
 
 
-def test_main_job_quick_run_writes_report_and_cards(tmp_path):
-    out, cards = tmp_path / "main", tmp_path / "cards"
-    cmd = [sys.executable, str(ROOT / "recipes" / "main.py"), "--quick", "--out", str(out), "--cards_dir", str(cards)]
+def test_from_scratch_comparison_quick_run_writes_report_and_cards(tmp_path):
+    out, cards = tmp_path / "main_scratch", tmp_path / "cards"
+    script = str(ROOT / "recipes" / "main_scratch.py")
+    cmd = [sys.executable, script, "--quick", "--out", str(out), "--cards_dir", str(cards)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -222,7 +223,7 @@ def test_main_job_quick_run_writes_report_and_cards(tmp_path):
     assert all(m["eval"]["streaming"]["ppl"] > 1 for m in report["models"].values())
     assert (out / "report.md").read_text().count("| vkt |") == 1
     for name in ("vkt", "softmax"):
-        card = (cards / f"vkt-hf-main-{name}.md").read_text()
+        card = (cards / f"vkt-hf-main-scratch-{name}.md").read_text()
         assert card.startswith("---") and "model-index" in card
 
 

@@ -57,6 +57,8 @@ def _metrics(run: dict[str, Any]) -> list[tuple[str, str, float]]:
         rows.append(("perplexity", f"perplexity over {p['context_length']}-token segments", p["ppl"]))
     if "passkey" in ev:
         rows.append(("accuracy", "passkey retrieval exact match", ev["passkey"]["accuracy"]))
+    for text, by_length in ev.get("perplexity_at", {}).items():  # {text: {length: ppl}} (recipes/main.py)
+        rows += [("perplexity", f"perplexity at {length} tokens ({text})", ppl) for length, ppl in by_length.items()]
     return [(kind, name, round(float(value), 4)) for kind, name, value in rows]
 
 
@@ -133,8 +135,11 @@ def ablation_section(ablation: dict[str, Any], plot: str | None) -> list[str]:
     return lines + (["", f"![ablation]({plot})"] if plot else [])
 
 
-def card_body(run: dict[str, Any], plots: list[str], ablation: dict[str, Any] | None = None) -> str:
-    """The markdown body: what the model is, how it was trained, what was measured."""
+def card_body(
+    run: dict[str, Any], plots: list[str], ablation: dict[str, Any] | None = None, sections: list[str] | None = None
+) -> str:
+    """The markdown body: what the model is, how it was trained, what was measured (``sections``:
+    markdown lines a job adds after the results)."""
     model, data, cfg, final = run.get("model", {}), run.get("data", {}), run.get("config", {}), run.get("final", {})
     mixers = model.get("mixer_types") or []
     kinds = ", ".join(f"{m} x{mixers.count(m)}" for m in dict.fromkeys(mixers)) or "see config.json"
@@ -158,9 +163,9 @@ def card_body(run: dict[str, Any], plots: list[str], ablation: dict[str, Any] | 
                 ("mixers per layer", kinds),
                 ("parameters", f"{model.get('parameters', 0):,}"),
                 ("trainable parameters", f"{model.get('trainable_parameters', 0):,}"),
-                ("base model", model.get("base_model") or "none (trained from scratch)"),
+                ("base model", _display_path(model.get("base_model")) or "none (trained from scratch)"),
                 ("data", _display_path(data.get("source"))),
-                ("tokenizer", data.get("tokenizer")),
+                ("tokenizer", _display_path(data.get("tokenizer"))),
                 ("sequence length", data.get("seq_len")),
                 ("validation documents", ", ".join(data.get("val_documents", [])[:8])),
                 (
@@ -188,6 +193,7 @@ def card_body(run: dict[str, Any], plots: list[str], ablation: dict[str, Any] | 
     if "passkey" in ev:
         lines += ["", "Passkey retrieval (exact match):", "", "| context | depth | accuracy |", "|---|---|---|"]
         lines += [f"| {r['context_length']} | {r['depth']} | {r['accuracy']:.2f} |" for r in ev["passkey"]["results"]]
+    lines += ["", *sections] if sections else []
     ablation_plot = next((p for p in plots if Path(p).stem == "ablation"), None)
     plots = [p for p in plots if p != ablation_plot]
     if plots:
@@ -210,7 +216,11 @@ def card_body(run: dict[str, Any], plots: list[str], ablation: dict[str, Any] | 
 
 
 def write_model_card(
-    run_dir: str | Path, out: str | Path | None = None, name: str | None = None, ablation: str | Path | None = None
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    name: str | None = None,
+    ablation: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the card of the run in ``run_dir``.
 
@@ -223,6 +233,10 @@ def write_model_card(
         ablation: an ablation JSON (``docs/ablation.json``, from ``recipes/ablate.py``) whose table
             and plot (the ``.png`` beside it) go into the card. The plot is linked where it is
             (by relative path), not copied: the repository keeps one copy of it.
+        extra: what a job adds to the run's own JSON (``recipes/main.py``): ``"eval"`` (results, in
+            place of ``eval/results.json``), ``"plots"`` (more PNG files, linked or copied like the
+            run's), ``"sections"`` (markdown lines after the results) and ``"run"`` (entries of
+            ``run.json`` to override, e.g. ``{"model": {"base_model": ...}}``).
 
     Returns:
         The path of the card written.
@@ -231,7 +245,12 @@ def write_model_card(
     run = load_run(run_dir)
     if name:
         run["name"] = name
+    extra = extra or {}
+    run["eval"] = extra.get("eval", run.get("eval", {}))
+    for key, value in extra.get("run", {}).items():  # e.g. {"model": {"base_model": hub id}}
+        run[key] = {**run.get(key, {}), **value} if isinstance(value, dict) else value
     plot_files = sorted(run_dir.glob("*.png")) + sorted(run_dir.glob("eval/*.png"))
+    plot_files += [Path(p) for p in extra.get("plots", [])]
     ablation_data, ablation_plot = None, None
     if ablation is not None:
         ablation = Path(ablation)
@@ -258,12 +277,13 @@ def write_model_card(
             plots.append(f"{assets.name}/{p.name}")
     if ablation_plot is not None:
         plots.append(Path(os.path.relpath(ablation_plot, target.parent.resolve())).as_posix())
-    text = f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run, plots, ablation_data)}"
+    text = f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run, plots, ablation_data, extra.get('sections'))}"
     target.write_text(text, encoding="utf-8")
     if out is None and (run_dir / "model").is_dir():
         model_plots = [f"../{p}" for p in plots]
         (run_dir / "model" / "README.md").write_text(
-            f"---\n{card_metadata(run).to_yaml()}\n---\n\n{card_body(run, model_plots, ablation_data)}",
+            f"---\n{card_metadata(run).to_yaml()}\n---\n\n"
+            f"{card_body(run, model_plots, ablation_data, extra.get('sections'))}",
             encoding="utf-8",
         )
     return target

@@ -2,10 +2,16 @@
 
 Works on any model holding :class:`~vkt_hf.layers.VKTAttention` modules (native VKT models and
 converted Llama/GPT-2 hybrids): forward hooks collect the ``a`` every VKT layer returns.
+
+:func:`attention_shares` shows what a layer with the local attention window reads besides: the
+share of each head's softmax mass on the window, the sink and the VKT global slot (a converted
+checkpoint whose importance ``V`` is still 0 has ``a = 0`` everywhere, a blank importance map,
+while its global slot carries weight once trained).
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +20,11 @@ import torch
 from torch import nn
 
 from .data import encode
+from .evaluation import _pyplot, _save, heatmap
 from .layers import vkt_layers
+from .ops import functional
+
+SHARE_PARTS = ("window", "sink", "global slot")
 
 
 @dataclass
@@ -157,3 +167,75 @@ def render_png(imap: ImportanceMap, path: str | Path, max_tokens: int = 120) -> 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+@contextlib.contextmanager
+def _record_window_shares(records: list[tuple[torch.Tensor, torch.Tensor]]):
+    """While active, every call of the window's softmax also records ``(sink share, global-slot share)``
+    ``(B, H, N)`` of its attention mass: the same softmax run twice more, with value 1 on the sink
+    (or on the slot) and 0 elsewhere."""
+    original = functional.sliding_window_attention
+
+    def probe(
+        query, keys, values, key_mask, window, history=None, sink=None, sink_visible=None, scale=None, summary=None
+    ):
+        out = original(query, keys, values, key_mask, window, history, sink, sink_visible, scale, summary)
+
+        def mass(on_sink: bool, on_slot: bool) -> torch.Tensor:
+            fill = {True: torch.ones_like, False: torch.zeros_like}
+            past = None if history is None else (history[0], torch.zeros_like(history[1]), history[2])
+            sinks = None if sink is None else (sink[0], fill[on_sink](sink[1]), sink[2])
+            slot = None if summary is None else (summary[0], fill[on_slot](summary[1]))
+            zeros = torch.zeros_like(values)
+            return original(query, keys, zeros, key_mask, window, past, sinks, sink_visible, scale, slot)[0][..., 0]
+
+        records.append((mass(True, False).detach(), mass(False, True).detach()))
+        return out
+
+    functional.sliding_window_attention = probe
+    try:
+        yield
+    finally:
+        functional.sliding_window_attention = original
+
+
+@torch.no_grad()
+def attention_shares(model: nn.Module, ids: torch.Tensor) -> dict:
+    """Per VKT layer and head, the mean share of the window softmax's mass on the window, the sink and
+    the VKT global slot, over the tokens of ``ids`` ``(1, N)`` that have tokens older than the window.
+
+    Returns ``{"layers": [...], "parts": SHARE_PARTS, "shares": (layers, heads, 3) tensor, "tokens": n}``.
+    """
+    layers = vkt_layers(model)
+    records: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model.eval()
+    with _record_window_shares(records):
+        model(ids.to(next(model.parameters()).device), use_cache=False)
+    if len(records) != len(layers):
+        raise ValueError(f"{len(layers)} VKT layers but {len(records)} window softmaxes: every layer needs its window")
+    window = max(layer.config.local_attention_window + layer.config.sink_tokens for layer in layers)
+    far = slice(min(window, ids.shape[1] - 1), None)  # before that, the slot has no far tokens to stand for
+    shares = []
+    for sink, slot in records:
+        sink, slot = sink[0, :, far].float().mean(-1).cpu(), slot[0, :, far].float().mean(-1).cpu()
+        shares.append(torch.stack([1 - sink - slot, sink, slot], dim=-1))
+    layer_ids = [m.layer_idx for m in layers]
+    return {"layers": layer_ids, "parts": SHARE_PARTS, "shares": torch.stack(shares), "tokens": ids.shape[1]}
+
+
+def render_shares_png(shares: dict, path: str | Path, title: str = "") -> Path:
+    """Heatmaps (layers x heads, values in %) of the sink's and the global slot's share of attention mass."""
+    plt = _pyplot()
+    grid = shares["shares"] * 100
+    layers, heads = grid.shape[:2]
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * heads, 1.2 + 0.32 * layers))
+    for ax, part in zip(axes, (1, 2)):
+        top = max(1.0, float(grid[..., part].max()))
+        image = heatmap(ax, grid[..., part].tolist(), 0.0, top, cmap="magma", fmt="{:.1f}")
+        ax.set_xticks(range(heads), [f"h{h}" for h in range(heads)])
+        ax.set_yticks(range(layers), [f"L{i}" for i in shares["layers"]])
+        ax.set_title(f"% of attention on the {shares['parts'][part]}")
+        fig.colorbar(image, ax=ax, fraction=0.05, label="%")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
