@@ -103,7 +103,7 @@ def test_dispatch(monkeypatch):
     long = torch.zeros(1, 1, ops.FUSED_MIN_TOKENS, 4)
     assert ops.resolve_backend(long) == "fused"
     assert ops.resolve_backend(long[:, :, :1]) == "reference"
-    assert ops.resolve_backend(long.clone().requires_grad_()) == "reference"  # training
+    assert ops.resolve_backend(long.clone().requires_grad_()) == "autograd"  # training: hand-written backward
     assert ops.resolve_backend(long, "reference") == "reference"
     monkeypatch.setenv("VKT_BACKEND", "reference")
     assert ops.resolve_backend(long) == "reference"

@@ -5,7 +5,7 @@ against these tuples without loading ``vkt_hf.ops`` (torch kernels, Triton).
 """
 
 #: the ``vkt_backend`` values: ``auto`` picks per call (see :mod:`vkt_hf.ops`)
-BACKENDS: tuple[str, ...] = ("auto", "reference", "fused", "triton")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "autograd", "fused", "triton")
 #: how the ratio ``s / (K . T)`` becomes the scalar attention (``decimal`` is the paper's reading)
 NORMALIZATIONS: tuple[str, ...] = ("decimal", "softsign", "sigmoid", "tanh", "none")
 #: the per-layer mixer kinds of ``layer_types`` in transformers' names (Qwen3-Next, Mamba): VKT layers are

@@ -2,20 +2,25 @@
 
 * :mod:`.naive` -- slow per-token loops, written as the definitions read (tests only).
 * :mod:`.functional` -- the vectorised reference (the oracle every fast path is checked against).
+* :mod:`.autograd` -- the reference's forward with hand-written backward passes (training).
 * :mod:`.fused` -- blocked PyTorch, any device; :mod:`.triton` -- Triton kernels (CUDA, forward only).
 
 ``global_context`` and ``local_context`` here have the reference signatures plus a ``backend``
-keyword: ``"reference"`` (:mod:`.functional`), ``"fused"``, ``"triton"`` or ``"auto"`` (default).
-The environment variable ``VKT_BACKEND`` overrides ``"auto"`` for a whole process.
+keyword: ``"reference"`` (:mod:`.functional`, autograd over it), ``"autograd"`` (the reference's
+forward, backward written out), ``"fused"``, ``"triton"`` or ``"auto"`` (default). The
+environment variable ``VKT_BACKEND`` overrides ``"auto"`` for a whole process (and, set to
+``reference``, also switches the local softmax window, which the layer calls directly in
+:func:`.functional.sliding_window_attention`, back to autograd over the reference).
 
-``auto`` follows the measurements of ``docs/performance.md``: on CPU, inputs of at least
-:data:`FUSED_MIN_TOKENS` tokens -> ``fused`` (3-4x the reference at 64k tokens), shorter ones
-(decoding) -> ``reference``; on CUDA -> ``reference``, whose few large kernels beat both the
-block loop and the current Triton kernels on an H200 (17.5 ms vs 56 ms fused vs 81 ms Triton
-for the VKT core at 64k tokens). When a gradient is needed (training) -> ``reference`` too:
-autograd over the block loop made ``fused`` forward+backward 2.3x slower than the reference at
-16k tokens on CPU. ``triton`` stays available by name; its kernels compute the forward pass
-only, so a call that needs a gradient runs on ``fused`` instead.
+``auto`` follows the measurements of ``docs/performance.md``: when a gradient is needed
+(training) -> ``autograd`` on any device (the reverse scans: several times faster than
+autograd over the chunked reference, which was itself 2.3x faster than autograd over the fused
+block loop). Without a gradient, on CPU, inputs of at least :data:`FUSED_MIN_TOKENS` tokens ->
+``fused`` (3-4x the reference at 64k tokens), shorter ones (decoding) -> ``reference``; on
+CUDA -> ``reference``, whose few large kernels beat both the block loop and the current Triton
+kernels on an H200 (17.5 ms vs 56 ms fused vs 81 ms Triton for the VKT core at 64k tokens).
+``triton`` stays available by name; its kernels compute the forward pass only, so a call that
+needs a gradient runs on ``autograd`` instead.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 import torch
 
 from ..constants import BACKENDS
-from . import functional, fused
+from . import autograd, functional, fused
 from . import triton as triton_ops
 
 #: below this many tokens per call the reference is as fast (decoding is 1 token)
@@ -48,8 +53,8 @@ def resolve_backend(stream: torch.Tensor, backend: str | None = None, grad: bool
     """The backend that will run for ``stream`` ``(B, H, N, D)``: never ``"auto"``.
 
     ``grad``: whether the call needs autograd (default: :func:`needs_grad` of ``stream``). With
-    autograd, ``auto`` picks the reference, whose backward is the fastest, and ``triton``
-    (forward-only kernels) runs as ``fused``.
+    autograd, ``auto`` picks ``autograd`` (hand-written backward passes), and ``triton``
+    (forward-only kernels) runs as ``autograd`` too.
     """
     if grad is None:
         grad = needs_grad(stream)
@@ -59,10 +64,12 @@ def resolve_backend(stream: torch.Tensor, backend: str | None = None, grad: bool
     if choice == "triton":
         if not (stream.is_cuda and triton_ops.AVAILABLE):
             raise RuntimeError("the triton VKT backend needs CUDA tensors and the `triton` package")
-        return "fused" if grad else "triton"
+        return "autograd" if grad else "triton"
     if choice != "auto":
         return choice
-    if stream.is_cuda or grad:
+    if grad:
+        return "autograd"
+    if stream.is_cuda:
         return "reference"
     return "fused" if stream.shape[-2] >= FUSED_MIN_TOKENS else "reference"
 
@@ -81,8 +88,12 @@ def global_context(
 ) -> tuple[torch.Tensor, GlobalState]:
     """:func:`functional.global_context` on the backend picked by :func:`resolve_backend`."""
     grad = needs_grad(stream, weights, null, log_decay, state)
-    impl = _IMPLEMENTATIONS[resolve_backend(stream, backend, grad)]
-    return impl.global_context(stream, weights, mask, null, log_decay, causal, state, chunk_size)
+    name = resolve_backend(stream, backend, grad)
+    if name == "autograd":
+        return functional.global_context(
+            stream, weights, mask, null, log_decay, causal, state, chunk_size, custom_backward=True
+        )
+    return _IMPLEMENTATIONS[name].global_context(stream, weights, mask, null, log_decay, causal, state, chunk_size)
 
 
 def local_context(
@@ -97,13 +108,16 @@ def local_context(
 ) -> tuple[torch.Tensor, LocalState]:
     """:func:`functional.local_context` on the backend picked by :func:`resolve_backend`."""
     grad = needs_grad(stream, null, state)
-    impl = _IMPLEMENTATIONS[resolve_backend(stream, backend, grad)]
-    return impl.local_context(stream, mask, null, window, causal, state)
+    name = resolve_backend(stream, backend, grad)
+    if name == "autograd":
+        return functional.local_context(stream, mask, null, window, causal, state, custom_backward=True)
+    return _IMPLEMENTATIONS[name].local_context(stream, mask, null, window, causal, state)
 
 
 __all__ = [
     "BACKENDS",
     "FUSED_MIN_TOKENS",
+    "autograd",
     "functional",
     "fused",
     "global_context",

@@ -28,12 +28,14 @@ weight total, so finite inputs give finite means however large they are.
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..constants import NORMALIZATIONS
+from . import autograd
 
 Normalization = Literal["decimal", "softsign", "sigmoid", "tanh", "none"]
 
@@ -363,6 +365,8 @@ def global_context(
     causal: bool = True,
     state: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_size: int = 64,
+    *,
+    custom_backward: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``K_i``: the weighted (optionally distance-decayed) mean of the other tokens' vectors.
 
@@ -382,22 +386,25 @@ def global_context(
         causal: causal (``j < i``) or bidirectional (``j != i``).
         state: ``(weighted_mean (B, H, D), weight_total (B, H))`` carried from the previous
             chunk (causal only); ``None`` starts from the null token.
+        custom_backward: run the scans through :func:`.autograd.decayed_scan` (same forward,
+            backward written out as the reverse scan) instead of autograd over the chunks.
 
     Returns:
         ``K`` ``(B, H, N, D)`` and the new state (the mean and total including the last token).
     """
+    scan = autograd.decayed_scan if custom_backward else _decayed_cumsum
     inputs = global_inputs(stream, weights, mask, null, state, causal)
     acc = inputs.weights.dtype
     w = inputs.weights  # (B, H, N)
     vectors = stream.to(acc) if _all(inputs.use) else torch.where(inputs.use.unsqueeze(-1), stream.to(acc), 0)
     x = torch.cat([vectors * w.unsqueeze(-1), w.unsqueeze(-1)], dim=-1)  # (B, H, N, D + 1)
     ld = None if log_decay is None else log_decay.to(acc)[None, :, None] * (mask != 0).to(acc)[:, None, :]
-    inclusive = _decayed_cumsum(x, ld, inputs.initial, chunk_size)  # (B, H, N, D + 1)
+    inclusive = scan(x, ld, inputs.initial, chunk_size)  # (B, H, N, D + 1)
     previous = torch.cat([inputs.initial.unsqueeze(-2), inclusive[..., :-1, :]], dim=-2)[..., : x.shape[-2], :]
     exclusive = previous if ld is None else previous * ld.exp().unsqueeze(-1)  # tokens j < i
     if not causal:  # add the tokens after i, seen from the other side (no second null token)
         rev_x, rev_ld = x.flip(-2), None if ld is None else ld.flip(-1)
-        after = _decayed_cumsum(rev_x, rev_ld, None, chunk_size)
+        after = scan(rev_x, rev_ld, None, chunk_size)
         after = torch.cat([torch.zeros_like(after[..., :1, :]), after[..., :-1, :]], dim=-2)
         if rev_ld is not None:
             after = after * rev_ld.exp().unsqueeze(-1)
@@ -413,6 +420,8 @@ def local_context(
     window: int,
     causal: bool = True,
     state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    custom_backward: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``T_i``: the plain mean of the vectors of the ``n`` tokens before (and after) ``i``.
 
@@ -426,6 +435,8 @@ def local_context(
         null: ``(H, D)``.
         window: ``n``.
         state: ``(last vectors (B, H, n, D), their mask (B, n))`` from the previous chunk.
+        custom_backward: run the window sums through :func:`.autograd.window_sum` (backward
+            written out) instead of autograd over the blocks.
 
     Returns:
         ``T`` ``(B, H, N, D)`` and the new state (the last ``n`` positions).
@@ -438,9 +449,10 @@ def local_context(
         if not causal:
             raise ValueError("a carried state is only defined for causal VKT layers")
         history = counted_vectors(state[0].to(acc), state[1], heads)
-    sums = causal_window_sum(x, window, history)
+    window_sum = autograd.window_sum if custom_backward else causal_window_sum
+    sums = window_sum(x, window, history)
     if not causal:
-        sums = sums + causal_window_sum(x.flip(-2), window).flip(-2)
+        sums = sums + window_sum(x.flip(-2), window).flip(-2)
     count = sums[..., dim:]
     context = torch.where(count > 0, sums[..., :dim] / count.clamp(min=1), null.to(acc)[None, :, None, :])
     # new state: the last `window` positions of history + this chunk
@@ -531,6 +543,8 @@ def sliding_window_attention(
     sink_visible: torch.Tensor | None = None,
     scale: float | None = None,
     summary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    custom_backward: bool | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Exact causal softmax attention over the last ``window`` positions (the token itself
     included), plus optional sink keys/values that every query may attend to.
@@ -553,6 +567,11 @@ def sliding_window_attention(
         scale: logit scale, default ``d ** -0.5``.
         summary: ``(logit (B, H, N), value (B, H, N, d))``: one more slot per query in the same
             softmax (the VKT global read-out, see ``docs/method.md``); a ``-inf`` logit hides it.
+        custom_backward: run the softmax through :func:`.autograd.window_softmax`, whose backward
+            is written out (recomputed probabilities, no autograd graph over the blocks). Default:
+            whenever a gradient is needed, unless the environment sets ``VKT_BACKEND=reference``
+            (the layer calls this function directly, so the environment is how to pick the
+            reference for it); ``False`` is autograd over the reference.
 
     Returns:
         ``(B, H, N, d)`` (a query with no visible key gets zeros) and the new history: the last
@@ -581,29 +600,62 @@ def sliding_window_attention(
     kb = full_keys.view(batch, kv_heads, blocks, window, dim)
     vb = full_values.view(batch, kv_heads, blocks, window, dim)
     mb = full_mask.view(batch, blocks, window)
-    # the keys of query block b: blocks b-1 and b  -> (B, Hk, b', 2n, d)
-    k2 = torch.cat([kb[:, :, :-1], kb[:, :, 1:]], dim=-2)
-    v2 = torch.cat([vb[:, :, :-1], vb[:, :, 1:]], dim=-2)
-    m2 = torch.cat([mb[:, :-1], mb[:, 1:]], dim=-1)  # (B, b', 2n)
+    m2 = torch.cat([mb[:, :-1], mb[:, 1:]], dim=-1)  # (B, b', 2n): the keys of query block b are blocks b-1, b
     q = F.pad(query, (0, 0, 0, pad)).view(batch, kv_heads, group, blocks - 1, window, dim)
-    logits = (q @ k2.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hk, G, b', n, 2n)
     # query offset o sees key offset u of the pair when 0 <= (n + o - u) <= n - 1
     offsets = torch.arange(window, device=query.device)
     rel = window + offsets[:, None] - torch.arange(2 * window, device=query.device)[None, :]
     allowed = ((rel >= 0) & (rel < window))[None, None, None, None] & m2[:, None, None, :, None, :]
-    logits = logits.masked_fill(~allowed, float("-inf"))
     if sink is not None:
-        sink_keys, sink_values, filled = sink
-        s = filled.shape[-1]
+        s = sink[2].shape[-1]
         visible = (
-            filled[:, None, :].expand(batch, length, s) if sink_visible is None else sink_visible & filled[:, None]
+            sink[2][:, None, :].expand(batch, length, s) if sink_visible is None else sink_visible & sink[2][:, None]
         )
         visible = F.pad(visible, (0, 0, 0, pad)).view(batch, 1, 1, blocks - 1, window, s)
-        sink_logits = (q @ sink_keys.to(q.dtype)[:, :, None, None].transpose(-1, -2)) * scale  # (B, Hk, G, b', n, s)
+        sink_values = sink[1].masked_fill(~sink[2][:, None, :, None], 0).to(q.dtype)
+        sink = (sink[0].to(q.dtype), sink_values, visible)
+    if summary is not None:
+        logit = F.pad(summary[0], (0, pad), value=float("-inf")).view(batch, kv_heads, group, blocks - 1, window)
+        value = F.pad(summary[1], (0, 0, 0, pad)).view(batch, kv_heads, group, blocks - 1, window, dim)
+        summary = (logit.to(q.dtype), value.to(q.dtype))
+    core = _window_core
+    if custom_backward is None:
+        custom_backward = os.environ.get("VKT_BACKEND", "auto") != "reference" and any(
+            t is not None and t.requires_grad for t in (q, kb, vb, *(sink or ()), *(summary or ()))
+        )
+    if custom_backward and torch.is_grad_enabled():
+        core = autograd.window_softmax
+    out = core(q, kb, vb, allowed, sink, summary, scale)  # (B, Hk, G, b', n, d)
+    return out.reshape(batch, heads, (blocks - 1) * window, dim)[:, :, :length], new_history
+
+
+def _window_core(
+    q: torch.Tensor,
+    kb: torch.Tensor,
+    vb: torch.Tensor,
+    allowed: torch.Tensor,
+    sink: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    summary: tuple[torch.Tensor, torch.Tensor] | None,
+    scale: float,
+) -> torch.Tensor:
+    """The softmax of :func:`sliding_window_attention` over prepared blocks (the reference, autograd over it).
+
+    Shapes as in :func:`.autograd.window_softmax`: ``q`` ``(B, Hk, G, b, n, d)``, ``kb``/``vb``
+    ``(B, Hk, b + 1, n, d)``, ``allowed`` ``(B, 1, 1, b, n, 2n)``, ``sink`` = (keys, values with
+    unfilled slots zeroed, visible ``(B, 1, 1, b, n, s)``), ``summary`` = (logit, value). Returns
+    ``(B, Hk, G, b, n, d)``.
+    """
+    k2 = torch.cat([kb[:, :, :-1], kb[:, :, 1:]], dim=-2)  # (B, Hk, b, 2n, d)
+    v2 = torch.cat([vb[:, :, :-1], vb[:, :, 1:]], dim=-2)
+    logits = (q @ k2.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hk, G, b, n, 2n)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    if sink is not None:
+        sink_keys, sink_values, visible = sink
+        s = sink_keys.shape[-2]
+        sink_logits = (q @ sink_keys[:, :, None, None].transpose(-1, -2)) * scale  # (B, Hk, G, b, n, s)
         logits = torch.cat([sink_logits.masked_fill(~visible, float("-inf")), logits], dim=-1)
     if summary is not None:
-        blocked = F.pad(summary[0], (0, pad), value=float("-inf")).view(batch, kv_heads, group, blocks - 1, window)
-        logits = torch.cat([logits, blocked.unsqueeze(-1).to(logits.dtype)], dim=-1)
+        logits = torch.cat([logits, summary[0].unsqueeze(-1).to(logits.dtype)], dim=-1)
     # a logit past the dtype's range saturates there (+inf - +inf would be NaN in the softmax)
     logits = logits.clamp(max=torch.finfo(logits.dtype).max)
     top = logits.amax(-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)  # -inf rows -> finite
@@ -612,14 +664,12 @@ def sliding_window_attention(
     first = 0
     out = 0
     if sink is not None:
-        sink_values = sink[1].masked_fill(~sink[2][:, None, :, None], 0).to(q.dtype)
         out = _attend(weights[..., :s], sink_values[:, :, None, None])
         first = s
-    out = out + _attend(weights[..., first : first + 2 * window], v2.unsqueeze(2))  # (B, Hk, G, b', n, d)
+    out = out + _attend(weights[..., first : first + k2.shape[-2]], v2.unsqueeze(2))  # (B, Hk, G, b, n, d)
     if summary is not None:
-        value = F.pad(summary[1], (0, 0, 0, pad)).view(batch, kv_heads, group, blocks - 1, window, dim)
-        out = out + weights[..., -1:] * value.to(out.dtype)
-    return out.reshape(batch, heads, (blocks - 1) * window, dim)[:, :, :length], new_history
+        out = out + weights[..., -1:] * summary[1].to(out.dtype)
+    return out
 
 
 def _attend(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,264 @@
+"""The hand-written backward passes of :mod:`vkt_hf.ops.autograd` (the default when training).
+
+Each :class:`torch.autograd.Function` is checked with ``gradcheck`` in float64 on small shapes
+(padding, grouped-query heads, the sink, the read-out slot, states carried in), and against
+autograd over the reference (:mod:`vkt_hf.ops.functional`), forward and backward; then the whole
+layer: default (custom backward) = ``VKT_BACKEND=reference``, gradient checkpointing, bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from tests.helpers import op_inputs
+from vkt_hf import ops
+from vkt_hf.convert.common import resolve_vkt_options, vkt_layer_config
+from vkt_hf.layers.vkt_attention import VKTAttention
+from vkt_hf.ops import autograd as custom
+from vkt_hf.ops import functional as ref
+
+F64 = torch.float64
+
+
+def rnd(*shape, seed=0, grad=True):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return x.requires_grad_(grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# the three Functions alone
+
+
+@pytest.mark.parametrize("length", [1, 5, 19, 70])  # 70 tokens in chunks of 4: three levels of chunks
+@pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
+@pytest.mark.parametrize("initial", [False, True], ids=["fresh", "carry"])
+def test_decayed_scan_gradcheck(length, decay, initial):
+    x = rnd(1, 1, length, 2)
+    ld = (-torch.rand(1, 1, length, dtype=F64, generator=torch.Generator().manual_seed(1))).requires_grad_(decay)
+    start = rnd(1, 1, 2, seed=2)
+    inputs = (x, ld if decay else None, start if initial else None)
+    torch.testing.assert_close(custom.decayed_scan(*inputs, 4), ref.decayed_cumsum(*inputs, 4), rtol=1e-12, atol=1e-12)
+    leaves = [t for t in inputs if t is not None]
+
+    def fn(*ts):
+        it = iter(ts)
+        return custom.decayed_scan(next(it), next(it) if decay else None, next(it) if initial else None, 4)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize(("length", "window"), [(1, 1), (7, 3), (12, 4), (20, 16), (9, 5)])
+def test_window_sum_gradcheck(length, window):
+    x, history = rnd(1, 2, length, 3), rnd(1, 2, window, 3, seed=1)
+    torch.testing.assert_close(
+        custom.window_sum(x, window, history), ref.causal_window_sum(x, window, history), rtol=1e-12, atol=1e-12
+    )
+    assert torch.autograd.gradcheck(lambda a, b: custom.window_sum(a, window, b), (x, history))
+
+
+def window_inputs(batch=2, heads=4, kv_heads=2, length=11, dim=3, window=4, sinks=2, history=True, summary=True):
+    """Random inputs of :func:`ref.sliding_window_attention` (float64, leaves require grad)."""
+    q = rnd(batch, heads, length, dim)
+    k, v = rnd(batch, kv_heads, length, dim, seed=1), rnd(batch, kv_heads, length, dim, seed=2)
+    key_mask = torch.ones(batch, length, dtype=torch.bool)
+    key_mask[0, : length // 3] = False  # left padding
+    g = torch.Generator().manual_seed(3)
+    past = None
+    if history:
+        past = (rnd(batch, kv_heads, window, dim, seed=4), rnd(batch, kv_heads, window, dim, seed=5))
+        past = (*past, torch.rand(batch, window, generator=g) > 0.3)
+    sink = visible = None
+    if sinks:
+        filled = torch.rand(batch, sinks, generator=g) > 0.3
+        filled[:, 0] = True
+        sink = (rnd(batch, kv_heads, sinks, dim, seed=6), rnd(batch, kv_heads, sinks, dim, seed=7), filled)
+        visible = torch.rand(batch, length, sinks, generator=g) > 0.3
+    slot = None
+    if summary:
+        logit = rnd(batch, heads, length, seed=8, grad=False)
+        logit[..., :2] = float("-inf")  # hidden for the first tokens, as the layer does
+        slot = (logit.requires_grad_(), rnd(batch, heads, length, dim, seed=9))
+    return q, k, v, key_mask, window, past, sink, visible, slot
+
+
+def window_leaves(q, k, v, key_mask, window, past, sink, visible, slot):
+    return [q, k, v, *(past[:2] if past else ()), *(sink[:2] if sink else ()), *(slot or ())]
+
+
+WINDOW_CASES = {
+    "all": {},
+    "no-sink": dict(sinks=0),
+    "no-slot": dict(summary=False),
+    "fresh": dict(history=False),
+    "mha": dict(heads=2, kv_heads=2, sinks=1),
+    "one-token": dict(length=1),
+    "whole-blocks": dict(length=8),
+    "window-1": dict(window=1, length=5),
+}
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=list(WINDOW_CASES))
+def test_window_softmax_matches_reference(case):
+    inputs = window_inputs(**WINDOW_CASES[case])
+    results = {}
+    for flag in (False, True):
+        out, history = ref.sliding_window_attention(*inputs[:8], None, inputs[8], custom_backward=flag)
+        probe = torch.randn(out.shape, dtype=F64, generator=torch.Generator().manual_seed(10))
+        grads = torch.autograd.grad((out * probe).sum(), window_leaves(*inputs))
+        results[flag] = (out, history, grads)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(results[True][1], results[False][1]):
+        assert torch.equal(got, want)
+    for got, want in zip(results[True][2], results[False][2]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["all", "fresh", "no-slot"])
+def test_window_softmax_gradcheck(case):
+    options = {**WINDOW_CASES[case], "batch": 1, "heads": 2, "kv_heads": 1, "length": 6, "dim": 2, "window": 3}
+    q, k, v, key_mask, window, past, sink, visible, slot = window_inputs(**options)
+    leaves = window_leaves(q, k, v, key_mask, window, past, sink, visible, slot)
+
+    def fn(*ts):
+        it = iter(ts)
+        q_, k_, v_ = next(it), next(it), next(it)
+        past_ = None if past is None else (next(it), next(it), past[2])
+        sink_ = None if sink is None else (next(it), next(it), sink[2])
+        slot_ = None if slot is None else (next(it), next(it))
+        args = (q_, k_, v_, key_mask, window, past_, sink_, visible, None, slot_)
+        return ref.sliding_window_attention(*args, custom_backward=True)[0]
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+# ----------------------------------------------------------------------------------------------
+# the context sums through the dispatch
+
+
+@pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("carry", [False, True], ids=["fresh", "carry"])
+def test_context_sums_match_reference_forward_and_backward(decay, padded, carry):
+    base = op_inputs(2, 3, 150, 5, decay, padded, 6, seed=1, dtype=F64)
+
+    def run(backend):
+        stream, weights, mask, null, ld, g_state, l_state = (
+            t.clone().requires_grad_(i != 2) if isinstance(t, torch.Tensor) else t for i, t in enumerate(base)
+        )
+        g_state = tuple(t.clone().requires_grad_() for t in g_state) if carry else None
+        l_state = (l_state[0].clone().requires_grad_(), l_state[1]) if carry else None
+        leaves = [stream, weights, null, *([ld] if ld is not None else []), *(g_state or ()), *(l_state or ())[:1]]
+        k, (mean, total) = ops.global_context(stream, weights, mask, null, ld, state=g_state, backend=backend)
+        t, _ = ops.local_context(stream, mask, null, 6, state=l_state, backend=backend)
+        probe = torch.randn(k.shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+        loss = (k * probe).sum() + (t * probe.flip(-2)).sum() + mean.sum() + total.sum()
+        return (k, t, mean, total), torch.autograd.grad(loss, leaves)
+
+    (outs, grads), (want_outs, want_grads) = run("autograd"), run("reference")
+    for got, want in zip((*outs, *grads), (*want_outs, *want_grads)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_context_sums_gradcheck():
+    stream, weights, mask, null, ld, g_state, l_state = op_inputs(1, 2, 9, 2, True, True, 3, seed=4, dtype=F64)
+    mean, total = g_state
+
+    def fn(stream, weights, null, ld, mean, total, history):
+        k, state = ops.global_context(stream, weights, mask, null, ld, state=(mean, total), backend="autograd")
+        t, _ = ops.local_context(stream, mask, null, 3, state=(history, l_state[1]), backend="autograd")
+        return k, t, *state
+
+    leaves = (stream, weights, null, ld, mean, total, l_state[0])
+    assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in leaves))
+
+
+def test_dispatch_picks_the_custom_backward_for_training(monkeypatch):
+    monkeypatch.delenv("VKT_BACKEND", raising=False)
+    long = torch.zeros(1, 1, 100, 4)
+    assert ops.resolve_backend(long.clone().requires_grad_()) == "autograd"
+    assert ops.resolve_backend(long) == "fused"  # inference unchanged
+    assert ops.resolve_backend(long.clone().requires_grad_(), "reference") == "reference"
+    monkeypatch.setenv("VKT_BACKEND", "reference")
+    assert ops.resolve_backend(long.clone().requires_grad_()) == "reference"
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole layer
+
+
+def converted_layer(dtype=torch.float32, **overrides) -> VKTAttention:
+    """A converted-style layer (local window, sink, read-out in the window) at a tiny size."""
+    options = resolve_vkt_options("default", local_attention_window=8, local_window=3, mixer_chunk_size=40)
+    options.pop("preset")
+    options.update(overrides, accumulation_dtype="float64" if dtype == F64 else "float32")
+    dims = dict(hidden_size=24, num_attention_heads=4, num_key_value_heads=2, head_dim=6, attention_bias=False)
+    torch.manual_seed(0)
+    layer = VKTAttention(vkt_layer_config(dims, options)).to(dtype)
+    with torch.no_grad():  # switch on every term (a fresh converted layer starts with the read-out off)
+        for param in layer.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return layer
+
+
+def layer_grads(layer, hidden, mask=None):
+    out, a = layer(hidden, attention_mask=mask)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    loss = (out * probe).sum() + a.sum()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return out, torch.autograd.grad(loss, [hidden, *params])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(local_attention=False, sink_tokens=0), dict(global_readout="add")],
+    ids=["converted", "native", "readout-add"],
+)
+def test_layer_gradients_match_reference(monkeypatch, options):
+    """Default (custom backward) = ``VKT_BACKEND=reference`` (autograd over the reference), float64,
+    with left padding and more tokens than one mixer chunk (the state is carried)."""
+    layer = converted_layer(F64, **options)
+    hidden = rnd(2, 90, 24)
+    mask = torch.ones(2, 90)
+    mask[0, :13] = 0
+    monkeypatch.delenv("VKT_BACKEND", raising=False)
+    out, grads = layer_grads(layer, hidden, mask)
+    monkeypatch.setenv("VKT_BACKEND", "reference")
+    want_out, want_grads = layer_grads(layer, hidden, mask)
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_layer_with_gradient_checkpointing():
+    layer = converted_layer()
+    hidden = torch.randn(1, 70, 24, requires_grad=True)
+    out, grads = layer_grads(layer, hidden)
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, attention_mask=None):
+            return checkpoint(self.inner, x, attention_mask, use_reentrant=False)
+
+    got_out, got_grads = layer_grads(Checkpointed(layer), hidden)
+    torch.testing.assert_close(got_out, out)
+    for got, want in zip(got_grads, grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_layer_under_bf16_autocast():
+    """bf16 autocast: finite, and close to float32 in norm (the projections run in bf16 and the ratio
+    ``s / (K . T)`` amplifies a bf16 ulp on a few ill-conditioned tokens, so not elementwise); the sums
+    inside the Functions stay in float32."""
+    layer = converted_layer()
+    hidden = torch.randn(1, 70, 24, requires_grad=True)
+    out, grads = layer_grads(layer, hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_out, low_grads = layer_grads(layer, hidden)
+    for got, want in zip((low_out, *low_grads), (out, *grads)):
+        assert torch.isfinite(got).all()
+        assert (got.float() - want).norm() <= 0.1 * want.norm()

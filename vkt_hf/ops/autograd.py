@@ -1,0 +1,355 @@
+"""Hand-written backward passes for the three sums VKT spends its training time in.
+
+Autograd over the reference (:mod:`.functional`) records every chunk, flip, pad and
+concatenation of the blocked scans and replays them backwards: a few hundred small kernels
+per layer, most of them copies. Here each sum is one :class:`torch.autograd.Function`
+whose backward is written out:
+
+* :func:`decayed_scan` -- ``y_t = exp(ld_t) * y_{t-1} + x_t``. Its backward is the same scan
+  run from the end, ``G_t = g_t + exp(ld_{t+1}) * G_{t+1}``; then ``dx = G``,
+  ``d initial = exp(ld_0) * G_0`` and ``d ld_t = G_t . (y_t - x_t)``.
+* :func:`window_sum` -- ``W_i = sum_{j=i-n}^{i-1} x_j`` (with ``n`` carried values before ``x``).
+  It is linear; its backward is a window sum of the gradient (``dx_j = sum_{i=j+1}^{j+n} g_i``).
+  Both are computed by doubling (shifted adds), not by the reference's block cumulative sums.
+* :func:`window_softmax` -- the blocked causal softmax window of
+  :func:`.functional.sliding_window_attention` (plus the sink and the global read-out slot).
+  The backward recomputes the probabilities from the saved row maximum and normaliser
+  (flash-attention style: nothing ``(tokens x keys)`` is kept between forward and backward)
+  and uses ``dS = P * (dP - rowsum(dO * O))``.
+
+The forward passes compute what the reference computes, op for op where it matters (the
+same chunked scan, the same block sums, the same softmax), so forward results agree with it
+to float rounding; ``tests/test_autograd_ops.py`` checks forward and backward against
+autograd of the reference (``gradcheck`` in float64). This module imports only torch: the
+reference imports it (the layer calls :func:`.functional.sliding_window_attention` directly),
+never the other way round.
+
+Dtypes: every sum runs in the dtype of its inputs (float32 or float64: the callers pass the
+accumulation dtype); under autocast the Functions switch it off inside, so a bf16 autocast
+region does not lower the precision of the sums (the projections around them stay in bf16).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------
+# decayed scan
+
+
+def _scan(x: torch.Tensor, log_decay: torch.Tensor | None, initial: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """Inclusive scan ``y_t = exp(ld_t) y_{t-1} + x_t`` of a finite ``x`` ``(..., N, D)`` (no autograd).
+
+    Chunks of ``chunk`` tokens: inside a chunk the decays between all pairs form a ``C x C``
+    matrix ``exp(cl_t - cl_s)`` (exponents <= 0, nothing overflows); the states entering the
+    chunks solve the same recurrence over the chunk totals (same function, ``N / C`` tokens).
+    """
+    if log_decay is None:
+        y = x.cumsum(dim=-2)
+        return y if initial is None else y.add_(initial.unsqueeze(-2))
+    n = x.shape[-2]
+    if n <= chunk:
+        cl = log_decay.cumsum(-1)  # (..., N)
+        decay = (cl.unsqueeze(-1) - cl.unsqueeze(-2)).tril_().exp_().tril_()  # (..., N_t, N_s), 0 above the diagonal
+        y = decay @ x
+        if initial is not None:
+            y.add_(cl.exp().unsqueeze(-1) * initial.unsqueeze(-2))
+        return y
+    pad = (-n) % chunk
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+        log_decay = F.pad(log_decay, (0, pad))
+    *lead, total, dim = x.shape
+    xc = x.reshape(*lead, total // chunk, chunk, dim)  # (..., c, C, D)
+    ldc = log_decay.reshape(*lead, total // chunk, chunk)  # (..., c, C)
+    y = _scan(xc, ldc, None, chunk)  # each chunk from a zero state
+    after = _scan(y[..., -1, :], ldc.sum(-1), initial, chunk)  # (..., c, D): the state after each chunk
+    before = after.roll(1, dims=-2)
+    if initial is None:
+        before[..., 0, :] = 0
+    else:
+        before[..., 0, :] = initial
+    y.add_(ldc.cumsum(-1).exp_().unsqueeze(-1) * before.unsqueeze(-2))
+    return y.reshape(*lead, total, dim)[..., :n, :]
+
+
+class DecayedScan(torch.autograd.Function):
+    """:func:`decayed_scan` with its backward written out (the reverse scan)."""
+
+    @staticmethod
+    def forward(ctx, x, log_decay, initial, chunk):
+        with torch.autocast(x.device.type, enabled=False):
+            y = _scan(x, log_decay, initial, chunk)
+        ctx.chunk = chunk
+        ctx.has_initial = initial is not None
+        ctx.save_for_backward(x, log_decay, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, log_decay, y = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(y.dtype)
+            if log_decay is None:
+                total = _scan(grad.flip(-2), None, None, ctx.chunk).flip(-2)  # G_t = sum_{u >= t} g_u
+                d_initial = total[..., 0, :] if ctx.has_initial else None
+                return total, None, d_initial, None
+            # G_t = g_t + exp(ld_{t+1}) G_{t+1}: the forward scan of the flipped gradient, decays shifted by one
+            shifted = F.pad(log_decay[..., 1:], (0, 1))
+            total = _scan(grad.flip(-2), shifted.flip(-1), None, ctx.chunk).flip(-2)  # (..., N, D)
+            d_log_decay = None
+            if ctx.needs_input_grad[1]:
+                d_log_decay = (total * (y - x)).sum(-1)  # exp(ld_t) y_{t-1} = y_t - x_t
+            d_initial = None
+            if ctx.has_initial and x.shape[-2]:
+                d_initial = log_decay[..., 0].exp().unsqueeze(-1) * total[..., 0, :]
+            elif ctx.has_initial:
+                d_initial = torch.zeros_like(y[..., 0, :])
+        return total, d_log_decay, d_initial, None
+
+
+def decayed_scan(
+    x: torch.Tensor, log_decay: torch.Tensor | None, initial: torch.Tensor | None = None, chunk_size: int = 64
+) -> torch.Tensor:
+    """Inclusive scan ``y_t = exp(log_decay_t) * y_{t-1} + x_t`` with ``y_{-1} = initial``.
+
+    Same contract as :func:`.functional.decayed_cumsum` for a *finite* ``x``: ``x`` ``(B, H, N, D)``,
+    ``log_decay`` ``(B, H, N)`` or ``None`` (plain cumulative sum), ``initial`` ``(B, H, D)`` or
+    ``None``. Returns ``(B, H, N, D)``; the backward is the reverse scan (no graph over chunks).
+    """
+    if chunk_size < 2:
+        raise ValueError(f"chunk_size must be >= 2, got {chunk_size}")
+    if x.shape[-2] == 0:
+        return x.clone()
+    return DecayedScan.apply(x, log_decay, initial, chunk_size)
+
+
+# --------------------------------------------------------------------------------------------
+# window sum
+
+
+def _window_sum(full: torch.Tensor, window: int) -> torch.Tensor:
+    """``out[i] = sum(full[i : i + window])``, ``i = 0 .. len(full) - window`` (no autograd).
+
+    By doubling: ``p_2w[t] = p_w[t] + p_w[t + w]``, then the powers of two in ``window`` added at
+    their offsets; ~``2 log2(n)`` in-place adds of shifted slices (no cumulative sums, no flips),
+    each result a sum of exactly ``n`` terms (no difference of long prefix sums).
+    """
+    count = full.shape[-2] - window + 1
+    out, offset, width, span = None, 0, 1, full
+    while True:
+        if window & width:
+            piece = span[..., offset : offset + count, :]
+            out = piece.clone() if out is None else out.add_(piece)
+            offset += width
+        if 2 * width > window:
+            return out
+        span = span[..., :-width, :] + span[..., width:, :]  # sums of 2 * width terms
+        width *= 2
+
+
+class WindowSum(torch.autograd.Function):
+    """:func:`window_sum` with its backward written out (the window sum of the gradient, from the end)."""
+
+    @staticmethod
+    def forward(ctx, x, history, window):
+        with torch.autocast(x.device.type, enabled=False):
+            full = torch.cat([history.to(x.dtype), x], dim=-2)  # (..., n + N, D)
+            out = _window_sum(full, window)[..., : x.shape[-2], :]
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        window = ctx.window
+        with torch.autocast(grad.device.type, enabled=False):
+            # out[i] = sum full[i : i + n], so d full[p] = sum_{i = p-n+1}^{p} g_i: a window sum of the padded gradient
+            d_full = _window_sum(F.pad(grad, (0, 0, window - 1, window)), window)  # (..., n + N, D)
+        d_history = d_full[..., :window, :] if ctx.needs_input_grad[1] else None
+        return d_full[..., window:, :], d_history, None
+
+
+def window_sum(x: torch.Tensor, window: int, history: torch.Tensor | None = None) -> torch.Tensor:
+    """``W_i = sum_{j=i-n}^{i-1} x_j`` (:func:`.functional.causal_window_sum`), backward written out.
+
+    ``x`` ``(B, H, N, D)``; ``history`` ``(B, H, n, D)`` the ``n`` values before ``x`` or ``None``.
+    """
+    if history is None:
+        history = x.new_zeros(*x.shape[:-2], window, x.shape[-1])
+    return WindowSum.apply(x, history, window)
+
+
+# --------------------------------------------------------------------------------------------
+# softmax window
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(x.amax(-1)) & torch.isfinite(x.amin(-1))
+
+
+def _attend(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``weights @ values``; a non-finite value reaches only the queries that weigh it (as the reference)."""
+    finite = _finite_rows(values)
+    if finite.is_cuda or not bool(finite.all()):
+        out = weights @ torch.where(finite.unsqueeze(-1), values, 0)
+        sees = ((weights != 0) & ~finite.unsqueeze(-2)).any(-1, keepdim=True)
+        return out.masked_fill(sees, float("nan"))
+    return weights @ values
+
+
+def _pairs(blocks: torch.Tensor) -> torch.Tensor:
+    """``(B, Hk, b + 1, n, d)`` -> the keys of each query block, blocks ``b - 1`` and ``b``: ``(B, Hk, b, 2n, d)``."""
+    return torch.cat([blocks[:, :, :-1], blocks[:, :, 1:]], dim=-2)
+
+
+def _unpairs(pairs: torch.Tensor) -> torch.Tensor:
+    """The adjoint of :func:`_pairs`: ``(B, Hk, b, 2n, d)`` -> ``(B, Hk, b + 1, n, d)``."""
+    n = pairs.shape[-2] // 2
+    out = F.pad(pairs[..., n:, :], (0, 0, 0, 0, 1, 0))
+    out[:, :, :-1] += pairs[..., :n, :]
+    return out
+
+
+class _Window:
+    """The tensors of one softmax-window call, in the layout ``(B, Hk, blocks, G * n, .)``.
+
+    Grouped query heads of one key head share its keys: stacking the ``G`` heads' query blocks
+    makes each block one ``(G n) x 2n`` matrix product, not ``G`` products with copied keys.
+    """
+
+    def __init__(self, query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale):
+        batch, kv_heads, group, blocks, n, dim = query.shape
+        self.shape = query.shape
+        self.q = query.permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, blocks, group * n, dim)
+        self.k2, self.v2 = _pairs(keys), _pairs(values)  # (B, Hk, b, 2n, d)
+        self.allowed = allowed.permute(0, 1, 3, 2, 4, 5)  # (B, 1, b, 1, n, 2n)
+        self.sink_keys, self.sink_values, self.visible = sink_keys, sink_values, visible
+        self.logit = None if logit is None else self.grouped(logit.unsqueeze(-1))  # (B, Hk, b, G n, 1)
+        self.value = None if value is None else self.grouped(value)  # (B, Hk, b, G n, d)
+        self.scale = scale
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, Hk, G, b, n, k)`` -> ``(B, Hk, b, G n, k)``."""
+        batch, kv_heads, group, blocks, n, _ = self.shape
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, blocks, group * n, x.shape[-1])
+
+    @staticmethod
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        """``(B, Hk, b, G n, k)`` -> ``(B, Hk, b G n, k)`` (the sink is the same for every block)."""
+        return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+
+    def ungrouped(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, Hk, b, G n, k)`` -> ``(B, Hk, G, b, n, k)``."""
+        batch, kv_heads, group, blocks, n, _ = self.shape
+        return x.view(batch, kv_heads, blocks, group, n, x.shape[-1]).permute(0, 1, 3, 2, 4, 5)
+
+    def logits(self) -> torch.Tensor:
+        """All logits of each query ``(B, Hk, b, G n, s + 2n + 1)``: sink, window, read-out slot (as present)."""
+        batch, kv_heads, group, blocks, n, _ = self.shape
+        window = (self.q @ self.k2.transpose(-1, -2)).mul_(self.scale)  # (B, Hk, b, G n, 2n)
+        # torch.where, not masked_fill_: ~3x faster here with the mask broadcast over heads (and as exact)
+        window = torch.where(self.allowed, window.view(batch, kv_heads, blocks, group, n, 2 * n), float("-inf"))
+        parts = [window.view(batch, kv_heads, blocks, group * n, 2 * n)]
+        if self.sink_keys is not None:
+            sink = self.flat(self.q) @ self.sink_keys.transpose(-1, -2)  # (B, Hk, b G n, s): one product per key head
+            sink = sink.mul_(self.scale).view(batch, kv_heads, blocks, group, n, -1)
+            sink = torch.where(self.visible, sink, float("-inf"))
+            parts.insert(0, sink.view(batch, kv_heads, blocks, group * n, -1))
+        if self.logit is not None:
+            parts.append(self.logit)
+        logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        return logits.clamp_(max=torch.finfo(logits.dtype).max)  # +inf would give inf - inf = NaN
+
+    def split(self, probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Sink, window and read-out parts of the last axis of ``probs``."""
+        first = 0 if self.sink_keys is None else self.sink_keys.shape[-2]
+        last = first + self.k2.shape[-2]
+        sink = probs[..., :first] if self.sink_keys is not None else None
+        slot = probs[..., last:] if self.logit is not None else None
+        return sink, probs[..., first:last], slot
+
+    def output(self, probs: torch.Tensor) -> torch.Tensor:
+        """``P @ [sink values; window values; read-out value]`` ``(B, Hk, b, G n, d)``."""
+        sink, window, slot = self.split(probs)
+        out = _attend(window, self.v2)
+        if sink is not None:
+            out = out + _attend(self.flat(sink), self.sink_values).view(out.shape)
+        if slot is not None:
+            out = out + slot * self.value
+        return out
+
+
+class WindowSoftmax(torch.autograd.Function):
+    """:func:`window_softmax` with a flash-style backward (probabilities recomputed, not stored)."""
+
+    @staticmethod
+    def forward(ctx, query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale):
+        with torch.autocast(query.device.type, enabled=False):
+            win = _Window(query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale)
+            logits = win.logits()
+            top = logits.amax(-1, keepdim=True).clamp_(min=torch.finfo(logits.dtype).min)  # -inf rows -> finite
+            probs = logits.sub_(top).exp_()
+            norm = probs.sum(-1, keepdim=True).clamp_(min=torch.finfo(logits.dtype).tiny)
+            out = win.output(probs.div_(norm))  # (B, Hk, b, G n, d)
+        ctx.scale = scale
+        ctx.save_for_backward(
+            query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, top, norm, out
+        )
+        return win.ungrouped(out).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, top, norm, out = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            win = _Window(query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, ctx.scale)
+            probs = win.logits().sub_(top).exp_().div_(norm)  # (B, Hk, b, G n, slots)
+            d_out = win.grouped(grad.to(out.dtype))  # (B, Hk, b, G n, d)
+            delta = (d_out * out).sum(-1, keepdim=True)  # rowsum(dO * O) = sum_j P_j dP_j
+            p_sink, p_window, p_slot = win.split(probs)
+            # window: dP = dO V^T, dS = P (dP - delta); dq = dS K s, dK = dS^T q s, dV = P^T dO
+            d_s = p_window * (d_out @ win.v2.transpose(-1, -2)).sub_(delta)  # (B, Hk, b, G n, 2n)
+            d_q = (d_s @ win.k2).mul_(ctx.scale)
+            d_keys = _unpairs((d_s.transpose(-1, -2) @ win.q).mul_(ctx.scale))
+            d_values = _unpairs(p_window.transpose(-1, -2) @ d_out)
+            d_sink_keys = d_sink_values = d_logit = d_value = None
+            if p_sink is not None:  # the sink is shared by all blocks: products over (b G n) rows at once
+                flat_out, flat_p = win.flat(d_out), win.flat(p_sink)  # (B, Hk, b G n, .)
+                d_s = flat_p * (flat_out @ sink_values.transpose(-1, -2)).sub_(win.flat(delta))  # (B, Hk, b G n, s)
+                d_q.add_((d_s @ sink_keys).mul_(ctx.scale).view(d_q.shape))
+                d_sink_keys = (d_s.transpose(-1, -2) @ win.flat(win.q)).mul_(ctx.scale)  # (B, Hk, s, d)
+                d_sink_values = flat_p.transpose(-1, -2) @ flat_out
+            if p_slot is not None:
+                d_logit = win.ungrouped(p_slot * ((d_out * win.value).sum(-1, keepdim=True) - delta)).squeeze(-1)
+                d_value = win.ungrouped(p_slot * d_out)
+        return (win.ungrouped(d_q), d_keys, d_values, None, d_sink_keys, d_sink_values, None, d_logit, d_value, None)
+
+
+def window_softmax(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    allowed: torch.Tensor,
+    sink: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    summary: tuple[torch.Tensor, torch.Tensor] | None,
+    scale: float,
+) -> torch.Tensor:
+    """The blocked softmax window of :func:`.functional.sliding_window_attention`, backward written out.
+
+    Args:
+        query: ``(B, Hk, G, b, n, d)`` the query blocks (``G`` query heads per key head).
+        keys, values: ``(B, Hk, b + 1, n, d)`` the key/value blocks, block 0 the history; masked
+            positions already zero.
+        allowed: ``(B, 1, 1, b, n, 2n)`` bool: which keys of blocks ``b - 1`` and ``b`` each query sees.
+        sink: ``(keys (B, Hk, s, d), values (B, Hk, s, d), visible (B, 1, 1, b, n, s) bool)`` or ``None``.
+        summary: ``(logit (B, Hk, G, b, n), value (B, Hk, G, b, n, d))`` the read-out slot, or ``None``.
+        scale: the logit scale.
+
+    Returns:
+        ``(B, Hk, G, b, n, d)``.
+    """
+    sink_keys, sink_values, visible = (None, None, None) if sink is None else sink
+    logit, value = (None, None) if summary is None else summary
+    if visible is not None:  # (B, 1, 1, b, n, s) -> the grouped layout (B, 1, b, 1, n, s)
+        visible = visible.permute(0, 1, 3, 2, 4, 5)
+    return WindowSoftmax.apply(query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale)
