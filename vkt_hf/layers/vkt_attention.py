@@ -25,6 +25,7 @@ from .. import ops
 from ..cache import VKTState, vkt_state_layer
 from ..ops import functional as vkt
 from ..utils import sequence_starts
+from . import decode
 
 
 def padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -518,12 +519,21 @@ class VKTAttention(nn.Module):
                 f"attention_mask covers {attention_mask.shape[-1]} tokens, but this step has {past} cached + "
                 f"{length} new = {past + length}: the 2-D mask must cover the cached tokens and the new ones"
             )
+        found = decode.ready(self, state, slot) if length == 1 else None
+        if found is not None and decode.new_tokens_real(
+            attention_mask, lambda: padding_mask(attention_mask, batch, 1, hidden_states.device)
+        ):  # one token per row after a prompt: the state is updated in place (vkt_hf/layers/decode.py)
+            rotary = self._rotary(attention_mask, position_embeddings, batch, 1, past, hidden_states.device)
+            mixed, a = decode.decode_step(self, hidden_states, rotary, state, past, found)
+            slot.seen_tokens += 1
+            return self._output(mixed, hidden_states), a
         mask = padding_mask(attention_mask, batch, length, hidden_states.device)
         if length == 0:  # nothing to mix: empty outputs, the state as it was
             empty = hidden_states.new_zeros(batch, 0, self.num_heads * self.head_dim)
             return self.o_proj(empty), hidden_states.new_zeros(batch, self.num_heads, 0)
         rotary = self._rotary(attention_mask, position_embeddings, batch, length, past, hidden_states.device)
         proj = self.project(hidden_states, rotary)
+        state = decode.unroll(state, past)  # the cache holds ring buffers; `mix` reads them oldest first
         chunk = self.config.mixer_chunk_size if self.causal else length
         outputs, scalars = [], []
         starts = sequence_starts(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"), mask)
@@ -537,10 +547,15 @@ class VKTAttention(nn.Module):
                 outputs.append(out)
                 scalars.append(a)
         if slot is not None:
-            slot.update_state(state, length)
+            slot.update_state(decode.roll_in(state, past + length), length)
         mixed = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]  # (B, H, N, d)
-        mixed = mixed.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         # `a` as computed, in the accumulation dtype: the very tensor the output depends on, so gradient-based
         # attribution finds its .grad (a copy or a cast would be a dead end); longer inputs than one chunk
         # return the chunks' concatenation
-        return self.o_proj(mixed), scalars[0] if len(scalars) == 1 else torch.cat(scalars, dim=-1)
+        return self._output(mixed, hidden_states), scalars[0] if len(scalars) == 1 else torch.cat(scalars, dim=-1)
+
+    def _output(self, mixed: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The mixed heads ``(B, H, N, d)`` through ``o_proj``: ``(B, N, hidden)``, in the input's dtype."""
+        batch, length, _ = hidden_states.shape
+        mixed = mixed.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return decode.linear(self.o_proj, mixed)
