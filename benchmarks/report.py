@@ -81,16 +81,42 @@ def model_rows(payload: dict) -> list[str]:
     return rows
 
 
+def layer_train_rows(payload: dict) -> list[str]:
+    """The training targets (``benchmarks/layer_train.py``): SDPA / VKT from one run."""
+    rows, threads = [], payload["args"]["threads"]
+    targets = {("fwd+bwd", 2048): 1.5, ("fwd+bwd", 4096): 2.5, ("fwd", 65536): 10.0}
+    for r in payload["results"]:
+        goal = targets.get((r["mode"], r["length"]))
+        ratio = r["ratio_sdpa_over_vkt"].get("vkt", r["ratio_sdpa_over_vkt"].get("vkt_auto"))
+        if goal is None or ratio is None:
+            continue
+        what = "fwd, one competing busy process" if "busy_processes" in r else r["mode"]
+        rows.append(
+            f"| layer {what} vs SDPA, N={r['length']}, {threads} thread(s) | >= {goal:g}x | {ratio:.2f}x "
+            f"(VKT {r['seconds'].get('vkt', r['seconds'].get('vkt_auto')):.2f} s, SDPA {r['seconds']['sdpa']:.2f} s) | "
+            f"{'met' if ratio >= goal else 'not met'} |"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixer", default="docs/benchmarks/mixer_cpu.json")
     parser.add_argument("--model", default="docs/benchmarks/model_cpu.json")
+    parser.add_argument(
+        "--layer-train",
+        nargs="*",
+        default=["docs/benchmarks/layer_train_cpu_1thread.json", "docs/benchmarks/layer_train_cpu_2threads.json"],
+    )
     args = parser.parse_args()
     print("| target | goal | measured | verdict |\n|---|---|---|---|")
     if Path(args.mixer).exists():
         print("\n".join(mixer_rows(json.loads(Path(args.mixer).read_text()))))
     if Path(args.model).exists():
         print("\n".join(model_rows(json.loads(Path(args.model).read_text()))))
+    for path in args.layer_train:
+        if Path(path).exists():
+            print("\n".join(layer_train_rows(json.loads(Path(path).read_text()))))
 
 
 if __name__ == "__main__":
