@@ -202,6 +202,25 @@ def _GLOBAL_HOOKS() -> bool:  # noqa: N802 - reads like the module-level dicts i
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
+def one_thread(x: torch.Tensor) -> int:
+    """Run the CPU ops that follow on one thread; returns the thread count to give back to :func:`restore_threads`.
+
+    A one-token step is ~100 operations on kilobytes: a second thread cannot speed any of them up, and a
+    parallel region waits for it -- a whole scheduler tick (4 ms) when another process holds its core (an
+    oversubscribed 2-core machine: 24 ms -> 88 ms per layer). Costs ~1 us; the setting is process-wide.
+    """
+    threads = torch.get_num_threads()
+    if threads > 1 and x.device.type == "cpu":
+        torch.set_num_threads(1)
+        return threads
+    return 0
+
+
+def restore_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """RoPE of one position as a matrix ``(B, d, d)``: ``x @ M`` is :func:`~vkt_hf.ops.functional.apply_rotary`.
 
@@ -254,9 +273,13 @@ def decode_step(
     if config.local_attention:
         flat = query.view(batch, heads, dim)
         window_query, keys = flat, keys.view(batch, kv_heads, dim)
-        if rotary is not None:
-            matrix = rope_matrix(*rotary, acc).expand(batch, -1, -1)  # (B, d, d)
-            window_query, keys = torch.bmm(flat, matrix), torch.bmm(keys, matrix)
+        if rotary is not None and rotary[0].shape[0] == 1:  # one position for every row: one (d, d) matrix
+            matrix = rope_matrix(*rotary, acc)[0]
+            window_query = (flat.view(-1, dim) @ matrix).view(batch, heads, dim)
+            keys = (keys.view(-1, dim) @ matrix).view(batch, kv_heads, dim)
+        elif rotary is not None:
+            window_query = vkt.apply_rotary(flat.unsqueeze(2), *rotary).squeeze(2)
+            keys = vkt.apply_rotary(keys.unsqueeze(2), *rotary).squeeze(2)
         attended = _window_step(layer, config, found, flat, window_query, keys, values, state, position)
         mixed = attended if mixed is None else mixed + attended.view(batch, kv_heads, group, dim)
     if update is not None:
@@ -318,7 +341,9 @@ def _window_step(layer, config, found, query, window_query, keys, values, state,
     included) and the global slot; writes the token into the ring first. Queries ``(B, H, d)`` (``query``
     without RoPE, for the global slot), keys ``(B, Hk, d)``; returns ``(B, H, d)``.
 
-    The heads are flattened to ``(B * Hk, G, ...)`` so every product is one ``bmm``.
+    The heads are flattened to ``(B * Hk, G, ...)``; the products are 2-D matrix products (:func:`grouped_mm`)
+    and the softmax is written out: a tiny parallel region (CPU ``bmm`` over heads, ``softmax`` over rows)
+    waits a whole scheduler tick for its second thread whenever another process holds that core.
     """
     batch, heads, dim = query.shape
     kv_heads, slots = state.keys.shape[1], state.keys.shape[2]
@@ -327,31 +352,50 @@ def _window_step(layer, config, found, query, window_query, keys, values, state,
     state.keys.select(2, slot).copy_(keys)
     state.values.select(2, slot).copy_(values.view(batch, kv_heads, dim))
     scaled = (window_query * dim**-0.5).view(batch * kv_heads, group, dim)
-    logits = [torch.bmm(scaled, state.keys.view(-1, slots, dim).transpose(1, 2))]  # (B * Hk, G, w)
+    window = grouped_mm(scaled, state.keys.view(-1, slots, dim).transpose(1, 2))  # (B * Hk, G, w)
     if not found.keys_full:
         state.key_mask.select(1, slot).fill_(True)
-        hidden = ~state.key_mask[:, None, None, :]
-        logits[0].view(batch, kv_heads, group, slots).masked_fill_(hidden, float("-inf"))
-    buffers = [state.values.view(-1, slots, dim)]
+        hidden = ~state.key_mask[:, None, None, :].expand(batch, kv_heads, 1, slots).reshape(-1, 1, slots)
+        window = window.masked_fill(hidden, float("-inf"))
+    logits, buffers = [window], [state.values.view(-1, slots, dim)]
     if config.sink_tokens:  # every sink slot is filled (see `ready`): all visible
         sinks = state.sink_keys.shape[2]
-        logits.insert(0, torch.bmm(scaled, state.sink_keys.view(-1, sinks, dim).transpose(1, 2)))
+        logits.insert(0, grouped_mm(scaled, state.sink_keys.view(-1, sinks, dim).transpose(1, 2)))
         buffers.insert(0, state.sink_values.view(-1, sinks, dim))
     summary = config.vkt_terms and config.readout and config.global_readout == "window"
     if summary:
         logits.append(_summary_logit(layer, config, found, query, state).view(-1, group, 1))
     logits = torch.cat(logits, dim=-1) if len(logits) > 1 else logits[0]
-    weights = torch.softmax(logits.clamp_(max=torch.finfo(logits.dtype).max), dim=-1)
+    logits = logits.clamp_(max=torch.finfo(logits.dtype).max)
+    weights = (logits - logits.amax(-1, keepdim=True)).exp_()  # the token sees itself: the max is finite
+    weights = weights.div_(weights.sum(-1, keepdim=True))
     out, first = None, 0
     for buffer in buffers:  # weights @ [sink | window] without joining the buffers
-        part = weights[..., first : first + buffer.shape[1]]
-        out = torch.bmm(part, buffer) if out is None else out.baddbmm_(part, buffer)
+        part = grouped_mm(weights[..., first : first + buffer.shape[1]], buffer)
+        out = part if out is None else out.add_(part)
         first += buffer.shape[1]
     if summary:
         mean_values = state.weighted_sum.view(batch * kv_heads, group, -1)[..., dim:]
-        out.addcmul_(weights[..., -1:], mean_values)
+        out = out.addcmul_(weights[..., -1:], mean_values)
     state.tokens_seen.add_(1)
-    return out.view(batch, heads, dim)
+    return out.reshape(batch, heads, dim)
+
+
+def grouped_mm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(left, right)`` for ``(N, G, k) @ (N, k, m)``, without a CPU parallel region for small ``N``.
+
+    One inner dimension (``k == 1``) is a broadcast product; a few heads (``N <= 8``) are one 2-D product of
+    every left row with every right column, of which the ``N`` diagonal blocks are kept (``N`` times the
+    work of ``bmm``, all of it tiny, on one thread).
+    """
+    count, rows, inner = left.shape
+    if inner == 1:
+        return left * right
+    if left.is_cuda or count == 1 or count > 8:
+        return torch.bmm(left, right)
+    cols = right.shape[-1]
+    full = left.reshape(count * rows, inner) @ right.transpose(0, 1).reshape(inner, count * cols)
+    return full.view(count, rows, count, cols).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
 def _summary_logit(layer, config, found, query, state) -> torch.Tensor:

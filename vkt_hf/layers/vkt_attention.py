@@ -524,9 +524,13 @@ class VKTAttention(nn.Module):
             attention_mask, lambda: padding_mask(attention_mask, batch, 1, hidden_states.device)
         ):  # one token per row after a prompt: the state is updated in place (vkt_hf/layers/decode.py)
             rotary = self._rotary(attention_mask, position_embeddings, batch, 1, past, hidden_states.device)
-            mixed, a = decode.decode_step(self, hidden_states, rotary, state, past, found)
-            slot.seen_tokens += 1
-            return self._output(mixed, hidden_states), a
+            threads = decode.one_thread(hidden_states)
+            try:
+                mixed, a = decode.decode_step(self, hidden_states, rotary, state, past, found)
+                slot.seen_tokens += 1
+                return self._output(mixed, hidden_states), a
+            finally:
+                decode.restore_threads(threads)
         mask = padding_mask(attention_mask, batch, length, hidden_states.device)
         if length == 0:  # nothing to mix: empty outputs, the state as it was
             empty = hidden_states.new_zeros(batch, 0, self.num_heads * self.head_dim)
