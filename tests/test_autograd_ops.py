@@ -58,6 +58,41 @@ def test_window_sum_gradcheck(length, window):
     assert torch.autograd.gradcheck(lambda a, b: custom.window_sum(a, window, b), (x, history))
 
 
+@pytest.mark.parametrize("carry", [False, True], ids=["fresh", "carry"])
+def test_local_mean_gradcheck(carry):
+    x, null = rnd(2, 2, 9, 2), rnd(2, 2, seed=1)
+    real = torch.ones(2, 9, dtype=torch.bool)
+    real[0, :4] = False  # left padding: the first tokens see no real token (null)
+    history, history_real = (
+        (rnd(2, 2, 3, 2, seed=2), torch.tensor([[True, False, True], [False] * 3])) if carry else (None, None)
+    )
+    mask = real.double()
+    state = None if history is None else (history, history_real.double())
+    want, _ = ref.local_context(x, mask, null, 3, state=state)
+    torch.testing.assert_close(
+        custom.local_mean(x, real, null, 3, history, history_real), want, rtol=1e-12, atol=1e-12
+    )
+    leaves = (x, null) if history is None else (x, null, history)
+    assert torch.autograd.gradcheck(
+        lambda *t: custom.local_mean(t[0], real, t[1], 3, *t[2:], *((history_real,) if carry else ())), leaves
+    )
+
+
+def test_bidirectional_context_sums_match_reference():
+    base = op_inputs(2, 2, 40, 3, True, True, 4, seed=5, dtype=F64)
+
+    def run(backend):
+        stream, weights, mask, null, ld = (t.clone().requires_grad_(i != 2) for i, t in enumerate(base[:5]))
+        k, _ = ops.global_context(stream, weights, mask, null, ld, causal=False, backend=backend)
+        t, _ = ops.local_context(stream, mask, null, 4, causal=False, backend=backend)
+        loss = (k * k.detach().flip(-2)).sum() + (t * t.detach().flip(-2)).sum()
+        return (k, t), torch.autograd.grad(loss, [stream, weights, null, ld])
+
+    (outs, grads), (want_outs, want_grads) = run("autograd"), run("reference")
+    for got, want in zip((*outs, *grads), (*want_outs, *want_grads)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def window_inputs(batch=2, heads=4, kv_heads=2, length=11, dim=3, window=4, sinks=2, history=True, summary=True):
     """Random inputs of :func:`ref.sliding_window_attention` (float64, leaves require grad)."""
     q = rnd(batch, heads, length, dim)

@@ -11,6 +11,8 @@ whose backward is written out:
 * :func:`window_sum` -- ``W_i = sum_{j=i-n}^{i-1} x_j`` (with ``n`` carried values before ``x``).
   It is linear; its backward is a window sum of the gradient (``dx_j = sum_{i=j+1}^{j+n} g_i``).
   Both are computed by doubling (shifted adds), not by the reference's block cumulative sums.
+* :func:`local_mean` -- the causal local mean ``T_i = W_i / count_i`` (or the null vector): the
+  window sums, their counts (once per sequence) and the division as one node.
 * :func:`window_softmax` -- the blocked causal softmax window of
   :func:`.functional.sliding_window_attention` (plus the sink and the global read-out slot).
   The backward recomputes the probabilities from the saved row maximum and normaliser
@@ -178,6 +180,61 @@ def window_sum(x: torch.Tensor, window: int, history: torch.Tensor | None = None
     if history is None:
         history = x.new_zeros(*x.shape[:-2], window, x.shape[-1])
     return WindowSum.apply(x, history, window)
+
+
+class LocalMean(torch.autograd.Function):
+    """:func:`local_mean`: the window sums, their counts and the division in one Function."""
+
+    @staticmethod
+    def forward(ctx, x, real, null, history, history_real, window):
+        with torch.autocast(x.device.type, enabled=False):
+            full_real = torch.cat([history_real, real], dim=-1)[:, None, :, None]  # (B, 1, n + N, 1)
+            full = torch.cat([history.to(x.dtype), x], dim=-2)  # (B, H, n + N, D)
+            full = torch.where(full_real, full, 0)  # padding selected out, never multiplied by 0
+            length = x.shape[-2]
+            sums = _window_sum(full, window)[..., :length, :]  # (B, H, N, D)
+            count = _window_sum(full_real.to(x.dtype), window)[..., :length, :]  # (B, 1, N, 1), exact integers
+            seen = count > 0
+            context = torch.where(seen, sums / count.clamp(min=1), null.to(x.dtype)[None, :, None, :])
+        ctx.window = window
+        ctx.save_for_backward(full_real, count)
+        return context
+
+    @staticmethod
+    def backward(ctx, grad):
+        full_real, count = ctx.saved_tensors
+        window = ctx.window
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(count.dtype)
+            seen = count > 0
+            d_sums = torch.where(seen, grad / count.clamp(min=1), 0)
+            d_null = torch.where(seen, 0, grad).sum((0, 2)) if ctx.needs_input_grad[2] else None
+            d_full = _window_sum(F.pad(d_sums, (0, 0, window - 1, window)), window)  # (B, H, n + N, D)
+            d_full = torch.where(full_real, d_full, 0)
+        d_history = d_full[..., :window, :] if ctx.needs_input_grad[3] else None
+        return d_full[..., window:, :], None, d_null, d_history, None, None
+
+
+def local_mean(
+    x: torch.Tensor,
+    real: torch.Tensor,
+    null: torch.Tensor,
+    window: int,
+    history: torch.Tensor | None = None,
+    history_real: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The causal local mean ``T_i`` of :func:`.functional.local_context`, backward written out.
+
+    ``T_i`` = the mean of the real tokens among the ``n`` positions before ``i`` (carried
+    ``history`` first), or ``null`` where there is none. ``x`` ``(B, H, N, D)`` in the
+    accumulation dtype, ``real`` ``(B, N)`` bool, ``null`` ``(H, D)``, ``history`` ``(B, H, n, D)``
+    with ``history_real`` ``(B, n)`` bool, or ``None`` (no token before). Counts are summed once
+    per sequence (not per head), the sums and the division are one node of the graph.
+    """
+    if history is None:
+        history = x.new_zeros(*x.shape[:-2], window, x.shape[-1])
+        history_real = torch.zeros(x.shape[0], window, dtype=torch.bool, device=x.device)
+    return LocalMean.apply(x, real, null, history, history_real, window)
 
 
 # --------------------------------------------------------------------------------------------

@@ -435,31 +435,48 @@ def local_context(
         null: ``(H, D)``.
         window: ``n``.
         state: ``(last vectors (B, H, n, D), their mask (B, n))`` from the previous chunk.
-        custom_backward: run the window sums through :func:`.autograd.window_sum` (backward
-            written out) instead of autograd over the blocks.
+        custom_backward: compute ``T`` with :func:`.autograd.local_mean` (causal; window sums,
+            counts and division as one node, backward written out) or, bidirectional,
+            :func:`.autograd.window_sum`, instead of autograd over the blocks.
 
     Returns:
         ``T`` ``(B, H, N, D)`` and the new state (the last ``n`` positions).
     """
     acc = accumulation_dtype(stream.dtype)
     batch, heads, _, dim = stream.shape
-    x = counted_vectors(stream.to(acc), mask, heads)  # (B, H, N, D + 1): sums and counts
-    history = None
-    if state is not None:
-        if not causal:
-            raise ValueError("a carried state is only defined for causal VKT layers")
-        history = counted_vectors(state[0].to(acc), state[1], heads)
-    window_sum = autograd.window_sum if custom_backward else causal_window_sum
-    sums = window_sum(x, window, history)
-    if not causal:
-        sums = sums + window_sum(x.flip(-2), window).flip(-2)
-    count = sums[..., dim:]
-    context = torch.where(count > 0, sums[..., :dim] / count.clamp(min=1), null.to(acc)[None, :, None, :])
+    if state is not None and not causal:
+        raise ValueError("a carried state is only defined for causal VKT layers")
+    if custom_backward and causal:
+        past = (None, None) if state is None else (state[0].to(acc), state[1] != 0)
+        context = autograd.local_mean(stream.to(acc), mask != 0, null.to(acc), window, *past)
+    else:
+        context = _local_mean(stream.to(acc), mask, null.to(acc), window, causal, state, custom_backward)
     # new state: the last `window` positions of history + this chunk
     prev = state if state is not None else (stream.new_zeros(batch, heads, window, dim), mask.new_zeros(batch, window))
     last_vectors = torch.cat([prev[0].to(stream.dtype), stream], dim=-2)[..., -window:, :]
     last_mask = torch.cat([prev[1].to(mask.dtype), mask], dim=-1)[..., -window:]
     return context, (last_vectors, last_mask)
+
+
+def _local_mean(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    null: torch.Tensor,
+    window: int,
+    causal: bool,
+    state: tuple[torch.Tensor, torch.Tensor] | None,
+    custom_backward: bool,
+) -> torch.Tensor:
+    """``T`` of :func:`local_context` from ``x`` ``(B, H, N, D)`` in the accumulation dtype (the reference path)."""
+    heads, dim = x.shape[1], x.shape[-1]
+    counted = counted_vectors(x, mask, heads)  # (B, H, N, D + 1): sums and counts
+    history = None if state is None else counted_vectors(state[0].to(x.dtype), state[1], heads)
+    window_sum = autograd.window_sum if custom_backward else causal_window_sum
+    sums = window_sum(counted, window, history)
+    if not causal:
+        sums = sums + window_sum(counted.flip(-2), window).flip(-2)
+    count = sums[..., dim:]
+    return torch.where(count > 0, sums[..., :dim] / count.clamp(min=1), null[None, :, None, :])
 
 
 def counted_vectors(vectors: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
