@@ -77,6 +77,7 @@ def run_point(variant: str, length: int, args) -> dict:
     from transformers import DynamicCache
 
     from vkt_hf.cache import VKTStateLayer
+    from vkt_hf.evaluation import new_cache
     from vkt_hf.models.vkt.modeling_vkt import CACHE_FIELD
 
     torch.manual_seed(0)
@@ -85,7 +86,7 @@ def run_point(variant: str, length: int, args) -> dict:
     ids = torch.randint(100, vocab, (1, length))
     gc.collect()
     base = rss_bytes()
-    cache = DynamicCache()
+    cache = new_cache(model) or DynamicCache()  # a hybrid needs a VKTCache (its length comes from the states)
     result = {"variant": variant, "length": length, "synthetic_context": not args.prefill}
     if args.prefill:
         start = time.perf_counter()

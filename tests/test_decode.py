@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vkt_hf
+from tests.test_local_attention import native_config
 from vkt_hf.layers import decode
 
 
@@ -41,20 +42,8 @@ def blocked_only(monkeypatch):
 
 def native(seed: int = 0, **overrides) -> vkt_hf.VKTForCausalLM:
     torch.manual_seed(seed)
-    options = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        local_window=3,
-        local_attention=True,
-        local_attention_window=4,
-        sink_tokens=2,
-        mixer_chunk_size=5,
-    )
-    model = vkt_hf.VKTForCausalLM(vkt_hf.VKTConfig(**{**options, **overrides})).eval()
+    options = {"local_window": 3, "sink_tokens": 2, **overrides}
+    model = vkt_hf.VKTForCausalLM(native_config(**options)).eval()
     for name, param in model.named_parameters():
         if "null_" in name or "readout_gate" in name or "summary_bias" in name:
             param.normal_(0.0, 0.5)
