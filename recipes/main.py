@@ -580,7 +580,7 @@ def publish(args: argparse.Namespace) -> int:
     report["longer_run"] = longer_run(args.curve) or report.get("longer_run")
     args.docs_dir.mkdir(parents=True, exist_ok=True)
     plots = [args.out / n for n in ("positions.png", "decode.png", "attention_shares.png")]
-    for path in plots:
+    for path in [*plots, args.out / "importance.png", args.out / "importance.html"]:  # the report names all five
         shutil.copy2(path, args.docs_dir / path.name)
     card = write_model_card(args.out / "stage2", out=args.cards_dir, name=CARD_NAME, extra=card_extra(report, plots))
     report["card"] = _rel(card)

@@ -122,6 +122,7 @@ def test_main_job_quick_run_report_card_and_publish(tmp_path):
     assert published["models"] == report["models"]
     assert readme.read_text() == "intro\n" + main["readme_block"](published) + "\noutro\n"
     assert (cards / "vkt-hf-smollm2-135m-vkt-distilled.md").is_file() and (docs / "decode.png").is_file()
+    assert (docs / "importance.png").is_file() and (docs / "importance.html").is_file()  # the report names them
     assert "(../cards/vkt-hf-smollm2-135m-vkt-distilled.md)" in (docs / "report.md").read_text()
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="main-table"):
