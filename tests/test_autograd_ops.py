@@ -215,8 +215,12 @@ def test_dispatch_picks_the_custom_backward_for_training(monkeypatch):
     assert ops.resolve_backend(long.clone().requires_grad_()) == "autograd"
     assert ops.resolve_backend(long) == "fused"  # inference unchanged
     assert ops.resolve_backend(long.clone().requires_grad_(), "reference") == "reference"
+    trained = long.clone().requires_grad_()
+    assert ops.window_custom_backward(None, trained) and ops.window_custom_backward("fused", None, trained)
+    assert not ops.window_custom_backward("reference", trained) and not ops.window_custom_backward(None, long)
     monkeypatch.setenv("VKT_BACKEND", "reference")
     assert ops.resolve_backend(long.clone().requires_grad_()) == "reference"
+    assert not ops.window_custom_backward(None, trained) and ops.window_custom_backward("autograd", trained)
 
 
 # ----------------------------------------------------------------------------------------------

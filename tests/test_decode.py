@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import vkt_hf
-from tests.test_local_attention import native_config
+from tests.test_local_attention import native_config, tiny_llama
 from vkt_hf.layers import decode
 
 
@@ -51,19 +50,7 @@ def native(seed: int = 0, **overrides) -> vkt_hf.VKTForCausalLM:
 
 
 def converted(window: int = 4, **options) -> vkt_hf.VKTHybridForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention
-        attn_implementation="sdpa",
-    )
-    model = vkt_hf.convert_to_vkt(
-        LlamaForCausalLM(config).eval(), layers="all", local_attention_window=window, **options
-    )
+    model = vkt_hf.convert_to_vkt(tiny_llama(), layers="all", local_attention_window=window, **options)
     for layer in vkt_hf.layers.vkt_layers(model):
         layer.readout_gate.weight.normal_(0, 0.1)
         layer.readout_gate.bias.normal_(0, 0.5)

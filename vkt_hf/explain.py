@@ -177,9 +177,19 @@ def _record_window_shares(records: list[tuple[torch.Tensor, torch.Tensor]]):
     original = functional.sliding_window_attention
 
     def probe(
-        query, keys, values, key_mask, window, history=None, sink=None, sink_visible=None, scale=None, summary=None
+        query,
+        keys,
+        values,
+        key_mask,
+        window,
+        history=None,
+        sink=None,
+        sink_visible=None,
+        scale=None,
+        summary=None,
+        **rest,
     ):
-        out = original(query, keys, values, key_mask, window, history, sink, sink_visible, scale, summary)
+        out = original(query, keys, values, key_mask, window, history, sink, sink_visible, scale, summary, **rest)
 
         def mass(on_sink: bool, on_slot: bool) -> torch.Tensor:
             fill = {True: torch.ones_like, False: torch.zeros_like}

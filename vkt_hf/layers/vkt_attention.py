@@ -322,6 +322,7 @@ def _window_attention(
         visible,
         None,
         slot,
+        custom_backward=ops.window_custom_backward(layer.config.vkt_backend, proj.window_query, keys, values, slot),
     )
     new_state.keys, new_state.values, new_state.key_mask = history
     new_state.tokens_seen = mask.sum(-1) + (0 if seen is None else seen)

@@ -8,9 +8,10 @@
 ``global_context`` and ``local_context`` here have the reference signatures plus a ``backend``
 keyword: ``"reference"`` (:mod:`.functional`, autograd over it), ``"autograd"`` (the reference's
 forward, backward written out), ``"fused"``, ``"triton"`` or ``"auto"`` (default). The
-environment variable ``VKT_BACKEND`` overrides ``"auto"`` for a whole process (and, set to
-``reference``, also switches the local softmax window, which the layer calls directly in
-:func:`.functional.sliding_window_attention`, back to autograd over the reference).
+environment variable ``VKT_BACKEND`` overrides ``"auto"`` for a whole process. The layer
+calls the local softmax window (:func:`.functional.sliding_window_attention`) directly; with a
+``"reference"`` backend (by name or by ``VKT_BACKEND``) it runs as autograd over the reference
+too (:func:`window_custom_backward`).
 
 ``auto`` follows the measurements of ``docs/performance.md``: when a gradient is needed
 (training) -> ``autograd`` on any device (the reverse scans: several times faster than
@@ -49,6 +50,18 @@ def needs_grad(*inputs: torch.Tensor | tuple[torch.Tensor, ...] | None) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
 
 
+def _chosen(backend: str | None) -> str:
+    """The backend asked for: ``backend``, or ``VKT_BACKEND`` (default ``"auto"``) where it says ``auto``."""
+    return backend if backend not in (None, "auto") else os.environ.get("VKT_BACKEND", "auto")
+
+
+def window_custom_backward(backend: str | None, *inputs: torch.Tensor | tuple[torch.Tensor, ...] | None) -> bool:
+    """Whether the local softmax window (:func:`.functional.sliding_window_attention`) runs its
+    hand-written backward: a gradient is needed for ``inputs`` and the backend asked for (the
+    layer's ``vkt_backend``, else ``VKT_BACKEND``) is not ``"reference"``."""
+    return _chosen(backend) != "reference" and needs_grad(*inputs)
+
+
 def resolve_backend(stream: torch.Tensor, backend: str | None = None, grad: bool | None = None) -> str:
     """The backend that will run for ``stream`` ``(B, H, N, D)``: never ``"auto"``.
 
@@ -58,7 +71,7 @@ def resolve_backend(stream: torch.Tensor, backend: str | None = None, grad: bool
     """
     if grad is None:
         grad = needs_grad(stream)
-    choice = backend if backend not in (None, "auto") else os.environ.get("VKT_BACKEND", "auto")
+    choice = _chosen(backend)
     if choice not in BACKENDS:
         raise ValueError(f"VKT backend must be one of {BACKENDS}, got {choice!r}")
     if choice == "triton":

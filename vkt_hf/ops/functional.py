@@ -28,7 +28,6 @@ weight total, so finite inputs give finite means however large they are.
 from __future__ import annotations
 
 import math
-import os
 from typing import Literal, NamedTuple
 
 import torch
@@ -561,7 +560,7 @@ def sliding_window_attention(
     scale: float | None = None,
     summary: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
-    custom_backward: bool | None = None,
+    custom_backward: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Exact causal softmax attention over the last ``window`` positions (the token itself
     included), plus optional sink keys/values that every query may attend to.
@@ -585,10 +584,9 @@ def sliding_window_attention(
         summary: ``(logit (B, H, N), value (B, H, N, d))``: one more slot per query in the same
             softmax (the VKT global read-out, see ``docs/method.md``); a ``-inf`` logit hides it.
         custom_backward: run the softmax through :func:`.autograd.window_softmax`, whose backward
-            is written out (recomputed probabilities, no autograd graph over the blocks). Default:
-            whenever a gradient is needed, unless the environment sets ``VKT_BACKEND=reference``
-            (the layer calls this function directly, so the environment is how to pick the
-            reference for it); ``False`` is autograd over the reference.
+            is written out (recomputed probabilities, no autograd graph over the blocks); ``False``
+            is autograd over the reference (the layer decides with
+            :func:`vkt_hf.ops.window_custom_backward`).
 
     Returns:
         ``(B, H, N, d)`` (a query with no visible key gets zeros) and the new history: the last
@@ -636,10 +634,6 @@ def sliding_window_attention(
         value = F.pad(summary[1], (0, 0, 0, pad)).view(batch, kv_heads, group, blocks - 1, window, dim)
         summary = (logit.to(q.dtype), value.to(q.dtype))
     core = _window_core
-    if custom_backward is None:
-        custom_backward = os.environ.get("VKT_BACKEND", "auto") != "reference" and any(
-            t is not None and t.requires_grad for t in (q, kb, vb, *(sink or ()), *(summary or ()))
-        )
     if custom_backward and torch.is_grad_enabled():
         core = autograd.window_softmax
     out = core(q, kb, vb, allowed, sink, summary, scale)  # (B, Hk, G, b', n, d)
