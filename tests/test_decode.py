@@ -44,7 +44,7 @@ def native(seed: int = 0, **overrides) -> vkt_hf.VKTForCausalLM:
     options = {"local_window": 3, "sink_tokens": 2, **overrides}
     model = vkt_hf.VKTForCausalLM(native_config(**options)).eval()
     for name, param in model.named_parameters():
-        if "null_" in name or "readout_gate" in name or "summary_bias" in name:
+        if "null_" in name or "readout_gate" in name or "summary_bias" in name or "sink_" in name:
             param.normal_(0.0, 0.5)
     return model
 
@@ -68,7 +68,16 @@ def feed(model, ids, mask, bounds):
     return torch.cat(pieces, 1), cache
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(preset="paper"), dict(global_readout="add", sink_tokens=0)])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(preset="paper"),
+        dict(global_readout="add", sink_tokens=0),
+        dict(learned_sink=True),
+        dict(learned_sink=True, sink_tokens=0, vkt_terms=False),
+    ],
+)
 def test_ring_wraps_around_and_prompt_chunks_continue_it(steps, variant):
     """Token by token for several turns of both rings (window 4, local window 3), a prompt chunk in between
     (ring -> chronological -> ring), left padding: equal to one forward."""

@@ -98,6 +98,7 @@ def vkt_options(draw, dtype: str = "float32", causal: bool | None = True, huge: 
         local_attention=local_attention,
         local_attention_window=draw(st.integers(1, 6)),
         sink_tokens=draw(st.integers(0, 3)),
+        learned_sink=draw(st.booleans()) if local_attention else False,
         global_readout=draw(st.sampled_from(["window", "add"])),
         vkt_terms=draw(st.booleans()) if local_attention else True,
         local_attention_rope=draw(st.booleans()),
@@ -331,6 +332,7 @@ BAD_OPTIONS = {
     "vkt_backend": ["cuda"],
     "distance_decay": [1, "yes"],
     "vkt_terms": [0],
+    "learned_sink": [1, "yes"],
 }
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vkt_hf
+from vkt_hf.layers.vkt_attention import _learned_sink_slot
 from vkt_hf.ops import functional as vkt
 from vkt_hf.ops import naive
 
@@ -77,6 +79,35 @@ def test_summary_slot_shares_the_softmax():
     torch.testing.assert_close(
         out, naive.sliding_window_attention(q, k, v, mask, 4, 0, summary), rtol=1e-10, atol=1e-10
     )
+
+
+def test_learned_sink_is_one_more_slot_of_the_softmax():
+    """The learned sink merged into the global slot (one slot) weighs exactly as two separate slots would:
+    checked against the softmax over [window keys, global slot, sink] written out."""
+    torch.manual_seed(4)
+    batch, heads, length, dim = 2, 4, 7, 8
+    config = native_config(hidden_size=heads * dim, num_key_value_heads=heads, learned_sink=True)
+    layer = vkt_hf.layers.VKTAttention(config)
+    with torch.no_grad():
+        layer.sink_key.normal_()
+        layer.sink_value.normal_()
+    q, k, v = (torch.randn(batch, heads, length, dim, dtype=torch.float64) for _ in range(3))
+    layer = layer.double()
+    global_logit = torch.randn(batch, heads, length, dtype=torch.float64)
+    global_logit[:, :, :2] = float("-inf")  # hidden for the first tokens
+    global_value = torch.randn(batch, heads, length, dim, dtype=torch.float64)
+    slot = _learned_sink_slot(q, layer, (global_logit, global_value))
+    out, _ = vkt.sliding_window_attention(q, k, v, torch.ones(batch, length, dtype=torch.bool), length, summary=slot)
+
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-1, -2) * dim**-0.5).masked_fill(~causal, float("-inf"))  # (B, H, N, N)
+    sink_logit = (q @ layer.sink_key[None, :, :, None]).squeeze(-1) * dim**-0.5  # (B, H, N)
+    weights = torch.cat([scores, global_logit[..., None], sink_logit[..., None]], -1).softmax(-1)
+    sink_value = layer.sink_value[None, :, None].expand_as(global_value)
+    expected = weights[..., :length] @ v + weights[..., -2:-1] * global_value + weights[..., -1:] * sink_value
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="learned_sink"):
+        native_config(local_attention=False, learned_sink=True)
 
 
 def test_padding_holds_nan_without_leaking():
@@ -144,9 +175,11 @@ def test_native_is_causal():
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
-def test_state_bytes_constant_in_context_length():
+@pytest.mark.parametrize("learned_sink", [False, True])
+def test_state_bytes_constant_in_context_length(learned_sink):
     torch.manual_seed(0)
-    model = vkt_hf.VKTForCausalLM(native_config(mixer_chunk_size=4096, sink_tokens=2)).eval()
+    config = native_config(mixer_chunk_size=4096, sink_tokens=2, learned_sink=learned_sink)
+    model = vkt_hf.VKTForCausalLM(config).eval()
     sizes = []
     with torch.no_grad():
         for length in (100, 10_000):
@@ -192,6 +225,22 @@ def test_converted_generate_uses_constant_state():
     for step in range(9, out.shape[1]):
         logits = hybrid(out[:, :step], use_cache=False).logits[:, -1]
         assert logits.argmax(-1).item() == out[0, step].item()
+
+
+def test_converted_learned_sink_saves_and_reloads(tmp_path):
+    """A conversion with a learned sink instead of the kept token: its new parameters round-trip."""
+    hybrid = vkt_hf.convert_to_vkt(
+        tiny_llama(), layers="all", local_attention_window=4, sink_tokens=0, learned_sink=True
+    )
+    with torch.no_grad():
+        for layer in vkt_hf.layers.vkt_layers(hybrid):
+            layer.sink_key.normal_()
+            layer.sink_value.normal_()
+    ids = torch.randint(0, 101, (1, 11))
+    hybrid.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert all(layer.config.learned_sink for layer in vkt_hf.layers.vkt_layers(loaded))
+    torch.testing.assert_close(loaded(ids).logits, hybrid.eval()(ids).logits)
 
 
 def test_bad_local_attention_options():

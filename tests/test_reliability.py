@@ -204,6 +204,12 @@ LAYER_VARIANTS = {
     "window-add": dict(preset="default", local_attention=True, local_attention_window=4, global_readout="add"),
     "window-paper": dict(preset="paper", local_attention=True, local_attention_window=2, sink_tokens=0),
     "window-only": dict(preset="default", local_attention=True, local_attention_window=3, vkt_terms=False),
+    "window-learned-sink": dict(
+        preset="default", local_attention=True, local_attention_window=3, sink_tokens=0, learned_sink=True
+    ),
+    "window-only-both-sinks": dict(
+        preset="default", local_attention=True, local_attention_window=2, learned_sink=True, vkt_terms=False
+    ),
 }
 
 

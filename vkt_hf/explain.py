@@ -213,6 +213,7 @@ def _record_window_shares(records: list[tuple[torch.Tensor, torch.Tensor]]):
 def attention_shares(model: nn.Module, ids: torch.Tensor) -> dict:
     """Per VKT layer and head, the mean share of the window softmax's mass on the window, the sink and
     the VKT global slot, over the tokens of ``ids`` ``(1, N)`` that have tokens older than the window.
+    A learned sink (``learned_sink=True``) is merged into the global slot, so its mass counts there.
 
     Returns ``{"layers": [...], "parts": SHARE_PARTS, "shares": (layers, heads, 3) tensor, "tokens": n}``.
     """

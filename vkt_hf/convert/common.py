@@ -45,6 +45,7 @@ CONVERSION_DEFAULTS: dict[str, Any] = {"context_source": "key", "gated_value": "
 EXTRA_OPTIONS: dict[str, Any] = {
     "local_attention_window": 64,
     "sink_tokens": 1,
+    "learned_sink": False,
     "local_attention_rope": True,
     "vkt_terms": True,
     "global_readout": "window",
@@ -195,6 +196,7 @@ def init_new_parameters(
     - null context / null value ``(H, d)``: zeros (the "empty context" before the first token).
     - decay logits ``(H,)``: half-lives log-spaced from 1 to 1024 tokens, as in a fresh model.
     - the bias of the global slot in the local attention window ``(H,)``: ``SUMMARY_BIAS_INIT``.
+    - the learned sink's key and value ``(H, d)`` (``learned_sink=True``): zeros.
     - read-out gates (``Linear(hidden, 2H)``): weight 0, bias ``readout_init = (g_K, g_T)``. Default:
       ``(0, 0)`` with the local attention window, so the converted layer starts as exactly the
       pretrained attention inside the window (plus the sink) and the VKT terms grow from zero as
@@ -227,6 +229,9 @@ def init_new_parameters(
         init.copy_(module.decay_logit, vkt.decay_logit_init(module.num_heads))
     if hasattr(module, "summary_bias"):
         init.constant_(module.summary_bias, SUMMARY_BIAS_INIT)
+    if hasattr(module, "sink_key"):
+        init.zeros_(module.sink_key)
+        init.zeros_(module.sink_value)
 
 
 def _reference_tensor(attention: nn.Module) -> torch.Tensor:

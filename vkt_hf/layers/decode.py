@@ -155,6 +155,7 @@ _OPTIONS = (
     "local_attention",
     "global_readout",
     "sink_tokens",
+    "learned_sink",
     "local_attention_window",
     "importance",
     "context_source",
@@ -362,6 +363,9 @@ def _window_step(layer, config, found, query, window_query, keys, values, state,
         sinks = state.sink_keys.shape[2]
         logits.insert(0, grouped_mm(scaled, state.sink_keys.view(-1, sinks, dim).transpose(1, 2)))
         buffers.insert(0, state.sink_values.view(-1, sinks, dim))
+    if config.learned_sink:  # k_s, v_s: (H, d); the logit is q . k_s / sqrt(d), q without RoPE
+        sink_key = layer.sink_key.to(query.dtype)
+        logits.append(torch.linalg.vecdot(query, sink_key).mul_(dim**-0.5).view(-1, group, 1))
     summary = config.vkt_terms and config.readout and config.global_readout == "window"
     if summary:
         logits.append(_summary_logit(layer, config, found, query, state).view(-1, group, 1))
@@ -374,6 +378,9 @@ def _window_step(layer, config, found, query, window_query, keys, values, state,
         part = grouped_mm(weights[..., first : first + buffer.shape[1]], buffer)
         out = part if out is None else out.add_(part)
         first += buffer.shape[1]
+    if config.learned_sink:
+        sink_value = layer.sink_value.to(out.dtype).view(kv_heads, group, dim).repeat(batch, 1, 1)
+        out = out.addcmul_(weights[..., first : first + 1], sink_value)
     if summary:
         mean_values = state.weighted_sum.view(batch * kv_heads, group, -1)[..., dim:]
         out = out.addcmul_(weights[..., -1:], mean_values)

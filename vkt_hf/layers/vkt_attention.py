@@ -133,6 +133,9 @@ def init_vkt_parameters(layer: VKTAttention) -> None:
         init.copy_(layer.decay_logit, vkt.decay_logit_init(layer.num_heads))
     if hasattr(layer, "summary_bias"):
         init.constant_(layer.summary_bias, SUMMARY_BIAS_INIT)
+    if hasattr(layer, "sink_key"):  # logit 0, value 0: the sink starts as one token of zero value
+        init.zeros_(layer.sink_key)
+        init.zeros_(layer.sink_value)
 
 
 @dataclass
@@ -311,6 +314,8 @@ def _window_attention(
     slot = None
     if summary is not None:
         slot = _summary_slot(proj.query, summary, mask, seen, layer)
+    if layer.config.learned_sink:
+        slot = _learned_sink_slot(proj.query, layer, slot)
     out, history = vkt.sliding_window_attention(
         proj.window_query,
         keys,
@@ -352,6 +357,27 @@ def _summary_slot(
     logit = (query * keys).sum(-1) * query.shape[-1] ** -0.5  # (B, H, N)
     logit = logit + torch.log1p(far.to(logit.dtype))[:, None] + layer.summary_bias.to(logit.dtype)[None, :, None]
     return logit.masked_fill((far == 0)[:, None], float("-inf")), values
+
+
+def _learned_sink_slot(
+    query: torch.Tensor, layer: VKTAttention, slot: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learned sink as a softmax slot, logit ``q_i . k_s / sqrt(d)`` and value ``v_s`` (per head),
+    merged with the global ``slot`` when there is one.
+
+    Two slots are one: logits ``l1, l2`` with values ``v1, v2`` weigh in the softmax exactly as one slot
+    with logit ``logaddexp(l1, l2)`` and value ``softmax(l1, l2) . (v1, v2)``. Query ``(B, H, N, d)``;
+    returns ``(logit (B, H, N), value (B, H, N, d))``.
+    """
+    key = layer.sink_key.to(query.dtype)[None, :, None]  # (1, H, 1, d)
+    value = layer.sink_value.to(query.dtype)[None, :, None]
+    logit = (query * key).sum(-1) * query.shape[-1] ** -0.5  # (B, H, N)
+    if slot is None:
+        return logit, value.expand(query.shape)
+    other, other_value = slot
+    merged = torch.logaddexp(logit, other)  # the global slot may be hidden (-inf): the sink never is
+    share = torch.exp(other - merged).unsqueeze(-1)  # the global slot's part of the merged mass
+    return merged, torch.lerp(value.expand(query.shape), other_value.to(query.dtype), share)
 
 
 def rope_positions(attention_mask: torch.Tensor | None, batch: int, length: int, past: int, device) -> torch.Tensor:
@@ -402,6 +428,9 @@ class VKTAttention(nn.Module):
             self.decay_logit = nn.Parameter(torch.empty(heads))  # gamma_h = sigmoid(decay_logit)
         if config.readout and config.local_attention and config.global_readout == "window":
             self.summary_bias = nn.Parameter(torch.empty(heads))  # b_h of the global slot in the window
+        if config.learned_sink:
+            self.sink_key = nn.Parameter(torch.empty(heads, dim))  # k_s, v_s of the learned sink
+            self.sink_value = nn.Parameter(torch.empty(heads, dim))
         init_vkt_parameters(self)
 
     def _heads(self, x: torch.Tensor, heads: int, repeat: bool = True) -> torch.Tensor:

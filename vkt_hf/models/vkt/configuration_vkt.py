@@ -76,7 +76,15 @@ def validate_vkt_options(config: Any) -> None:
     backend = getattr(config, "vkt_backend", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"`vkt_backend` must be one of {BACKENDS}, got {backend!r}")
-    for name in ("distance_decay", "readout", "causal", "local_attention", "local_attention_rope", "vkt_terms"):
+    for name in (
+        "distance_decay",
+        "readout",
+        "causal",
+        "local_attention",
+        "local_attention_rope",
+        "vkt_terms",
+        "learned_sink",
+    ):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"`{name}` must be True or False, got {getattr(config, name)!r}")
     sinks = config.sink_tokens
@@ -88,6 +96,8 @@ def validate_vkt_options(config: Any) -> None:
         raise ValueError("`vkt_terms=False` needs `local_attention=True` (the layer would mix nothing)")
     if config.local_attention and not config.causal:
         raise ValueError("`local_attention=True` needs `causal=True` (the window is causal softmax attention)")
+    if config.learned_sink and not config.local_attention:
+        raise ValueError("`learned_sink=True` needs `local_attention=True` (the sink is a slot of the window)")
 
 
 def _default_head_dim(hidden_size: Any, num_attention_heads: Any) -> int:
@@ -137,6 +147,10 @@ class VKTConfig(PretrainedConfig):
         local_attention_window (`int`, *optional*, defaults to 64): tokens the softmax window sees.
         sink_tokens (`int`, *optional*, defaults to 1): first real tokens every query may attend to
             (kept in the decoding state); 0 turns the sink off.
+        learned_sink (`bool`, *optional*, defaults to `False`): add a learned sink to the window's
+            softmax: per head a key ``k_s`` and a value ``v_s`` (both starting at zero), one more slot
+            with logit ``q_i . k_s / sqrt(d)`` (``q_i`` without RoPE: the sink has no position). It can
+            replace the kept first tokens (``sink_tokens=0``) or join them.
         global_readout (`str`, *optional*, defaults to `"window"`): how the read-out's global mean of
             values joins the local attention window: `"window"`, as one more slot of the window's
             softmax whose logit is the query against the global mean key (plus the log of the number
@@ -203,6 +217,7 @@ class VKTConfig(PretrainedConfig):
         local_attention: bool | None = None,
         local_attention_window: int = 64,
         sink_tokens: int = 1,
+        learned_sink: bool = False,
         local_attention_rope: bool = True,
         global_readout: str = "window",
         vkt_terms: bool = True,
@@ -250,6 +265,7 @@ class VKTConfig(PretrainedConfig):
             setattr(self, name, VKT_PRESETS[preset][name] if value is None else value)
         self.local_attention_window = local_attention_window
         self.sink_tokens = sink_tokens
+        self.learned_sink = learned_sink
         self.local_attention_rope = local_attention_rope
         self.global_readout = global_readout
         self.vkt_terms = vkt_terms
