@@ -108,11 +108,16 @@ def text_tokens(tokenizer, name: str, tokens: int) -> torch.Tensor:
     return ids
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--src`` (the original checkpoint), ``--variant`` (its untrained conversions) and ``--model NAME=DIR``."""
     parser.add_argument("--src", type=Path, default=DEFAULT_SRC, help="SmolLM2 checkpoint (default: %(default)s)")
     parser.add_argument("--variant", nargs="*", default=[], choices=sorted(VARIANTS), help="untrained models")
     parser.add_argument("--model", action="append", default=[], help="NAME=DIR of a saved model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--checkpoint", action="append", default=[], help='"NAME=CKPT_DIR TRAIN FLAGS"')
     parser.add_argument("--texts", nargs="*", default=list(TEXTS), choices=sorted(TEXTS))
     parser.add_argument("--lengths", nargs="*", type=int, default=[512, 2048])

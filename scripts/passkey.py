@@ -8,6 +8,11 @@ trial counts when the model's greedy prediction of every token of the key is rig
 forward pass, the same as greedy decoding the key). Keys and depths are seeded, so every model sees the
 same prompts.
 
+It differs from ``vkt_hf.evaluation.passkey_retrieval`` (the ``passkey`` task of ``recipes/eval.py``) on
+purpose: that one generates an answer for a grid of depths that includes 1.0 (the key just before the
+question, inside any window), while this one places every key beyond the window and scores it with one
+forward pass, which keeps 30-layer models on a CPU affordable.
+
     python scripts/passkey.py --variant original all all-window half --lengths 256 1024 2048 --trials 10
     python scripts/passkey.py --model distilled=runs/main/stage2/model
 """
@@ -21,7 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conversion_quality import DEFAULT_SRC, VARIANTS, load_variant
+from conversion_quality import add_model_arguments, load_variant
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
@@ -62,9 +67,7 @@ def passkey_accuracy(model: torch.nn.Module, tokenizer, lengths: list[int], tria
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, default=DEFAULT_SRC, help="SmolLM2 checkpoint (default: %(default)s)")
-    parser.add_argument("--variant", nargs="*", default=[], choices=sorted(VARIANTS), help="untrained models")
-    parser.add_argument("--model", action="append", default=[], help="NAME=DIR of a saved model")
+    add_model_arguments(parser)
     parser.add_argument("--lengths", nargs="+", type=int, default=[256, 1024, 2048])
     parser.add_argument("--trials", type=int, default=10, help="passkeys per length")
     parser.add_argument("--json", type=Path, help="also write the results here")
