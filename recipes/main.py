@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from vkt_hf import evaluation as ev
-from vkt_hf.cards import write_model_card
+from vkt_hf.cards import same_budget_table, write_model_card
 from vkt_hf.config_loading import run_recipe
 from vkt_hf.data import PackedDataset, encode, get_tokenizer, pack_documents
 from vkt_hf.explain import attention_shares, importance_map, render_html, render_png, render_shares_png
@@ -68,6 +68,8 @@ EVAL_PER_TRAIN_TOKEN = 0.65  # measured 0.35, 0.41 (busy machine) and 0.59 (quie
 #: minutes kept free at the end (saving, the report, the card, noise in the estimate)
 MARGIN_MINUTES = 0.5
 TABLE_MARKERS = ("<!-- main-table -->", "<!-- /main-table -->")
+#: the baselines trained with this recipe for the same steps (scripts/same_budget.py); the card quotes them
+SAME_BUDGET = ROOT / "docs" / "quality" / "same_budget.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -489,6 +491,18 @@ def card_extra(report: dict[str, Any], plots: list[Path]) -> dict[str, Any]:
         "",
         *findings(report),
     ]
+    if SAME_BUDGET.is_file():  # the baselines trained the same way, measured by scripts/same_budget.py
+        sections += [
+            "",
+            "## Against baselines trained the same way (`scripts/same_budget.py`)",
+            "",
+            "Each variant trained with this recipe's two stages for the same steps (40 + 80 steps of 2 x 256 "
+            "tokens), perplexity on the held-out texts (ratio to the original fine-tuned the same way) and "
+            f"passkey retrieval beyond the window; from `{_rel(SAME_BUDGET)}` of the vkt-hf repository, read in "
+            "its `docs/conversion.md` (Quality):",
+            "",
+            same_budget_table(json.loads(SAME_BUDGET.read_text())),
+        ]
     return {
         "eval": {"perplexity_at": vkt["perplexity"]},
         "plots": plots,

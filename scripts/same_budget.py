@@ -42,6 +42,7 @@ from passkey import passkey_accuracy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vkt_hf import training
+from vkt_hf.cards import same_budget_table
 from vkt_hf.evaluation import perplexity_at
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,31 +115,6 @@ def write_record(path: Path, record: dict) -> None:
     path.write_text(json.dumps(merged, indent=2) + "\n")
 
 
-def markdown_table(record: dict, reference: str = "original") -> str:
-    """The results of ``record`` as a markdown table; perplexities also as a ratio to ``reference``'s."""
-    rows = record["results"]
-    columns = sorted(
-        next(iter(rows.values())),
-        key=lambda c: (c.startswith("passkey"), c.split("@")[0] != "persuasion", int(c.split("@")[1])),
-    )
-    ref = rows.get(reference, {})
-    lines = ["| model | " + " | ".join(c.replace("@", " @") for c in columns) + " |", "|---|" + "---|" * len(columns)]
-    for name, row in rows.items():
-        cells = []
-        for column in columns:
-            value = row.get(column)
-            if value is None:
-                cells.append("")
-            elif column.startswith("passkey"):
-                cells.append(f"{value:.0%}")
-            elif name != reference and column in ref:
-                cells.append(f"{value:.2f} ({value / ref[column]:.2f}x)")
-            else:
-                cells.append(f"{value:.2f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, default=DEFAULT_SRC, help="SmolLM2 checkpoint (default: %(default)s)")
@@ -160,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         if not (args.json and args.json.is_file()):
             parser.error("--table reads --json: give the JSON of a finished comparison")
-        print(markdown_table(json.loads(args.json.read_text())))
+        print(same_budget_table(json.loads(args.json.read_text())))
         return 0
     if not (args.src / "config.json").is_file():
         parser.error(f"{args.src} has no checkpoint; run `python scripts/fetch_smollm2.py` first")

@@ -108,3 +108,18 @@ def test_baseline_card_does_not_claim_vkt(run_dir):
     meta, body = front_matter(write_model_card(run_dir).read_text())
     assert "linear-attention" not in meta["tags"] and "vkt-attention" not in meta["tags"]
     assert "A baseline without VKT layers (softmax x2)" in body
+
+
+def test_same_budget_table_orders_columns_and_gives_ratios():
+    from vkt_hf.cards import same_budget_table
+
+    record = {
+        "results": {
+            "original": {"b@2048": 10.0, "b@512": 12.0, "a@512": 20.0, "passkey@256": 1.0},
+            "vkt": {"b@2048": 15.0, "b@512": 12.0, "a@512": 30.0, "passkey@256": 0.0},
+        }
+    }
+    lines = same_budget_table(record).splitlines()
+    assert lines[0] == "| model | b @512 | b @2048 | a @512 | passkey @256 |"
+    assert lines[2] == "| original | 12.00 | 10.00 | 20.00 | 100% |"
+    assert lines[3] == "| vkt | 12.00 (1.00x) | 15.00 (1.50x) | 30.00 (1.50x) | 0% |"

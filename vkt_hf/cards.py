@@ -114,6 +114,33 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
+def same_budget_table(record: dict[str, Any], reference: str = "original") -> str:
+    """The rows of a same-budget comparison (``scripts/same_budget.py``, e.g. ``docs/quality/same_budget.json``)
+    as a markdown table: perplexities, also as a ratio to ``reference``'s, and passkey accuracies."""
+    rows = record["results"]
+    first = list(next(iter(rows.values())))  # "text@length" keys; passkey accuracies last
+    texts = list(dict.fromkeys(c.split("@")[0] for c in first))
+    columns = sorted(
+        first, key=lambda c: (c.startswith("passkey"), texts.index(c.split("@")[0]), int(c.split("@")[1]))
+    )
+    ref = rows.get(reference, {})
+    lines = ["| model | " + " | ".join(c.replace("@", " @") for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, row in rows.items():
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            if value is None:
+                cells.append("")
+            elif column.startswith("passkey"):
+                cells.append(f"{value:.0%}")
+            elif name != reference and column in ref:
+                cells.append(f"{value:.2f} ({value / ref[column]:.2f}x)")
+            else:
+                cells.append(f"{value:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ablation_section(ablation: dict[str, Any], plot: str | None) -> list[str]:
     """Markdown lines summarising an ablation JSON written by ``recipes/ablate.py``."""
     budget = max(ablation["args"]["steps"])
