@@ -85,9 +85,10 @@ def trained_model(args: argparse.Namespace, variant: str) -> tuple[Path, list[di
         if not (out / "model" / "config.json").is_file():
             print(f"[same_budget] {variant} stage {stage}: python recipes/train.py {shlex.join(flags)}", flush=True)
             training.train(training.load_config(flags))
-        summary = json.loads((out / "run.json").read_text())
-        summaries.append({"stage": stage, "steps": summary["final"]["step"], "tokens": summary["final"]["tokens"]})
-        summaries[-1]["train_time_s"] = summary["final"]["train_time_s"]
+        final = json.loads((out / "run.json").read_text())["final"]
+        summaries.append(
+            {"stage": stage, "steps": final["step"], "tokens": final["tokens"], "train_time_s": final["train_time_s"]}
+        )
     return args.out / variant / "stage2" / "model", summaries
 
 
@@ -152,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         "training": {},
         "results": {},
     }
-    print("| model | " + " | ".join(f"{t} @{n}" for t in texts for n in args.lengths) + " | passkey |", flush=True)
     for variant in args.variants:
         path, stages = trained_model(args, variant)
         began = time.time()
@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"{variant}, VKT terms off"] = score(args, switch_off(model, "vkt"), tokenizer, texts)
         record["training"][variant] = {"stages": stages, "eval_s": round(time.time() - began, 1)}
         record["results"].update(rows)
-        for name, row in rows.items():
-            print(f"| {name} | " + " | ".join(f"{v:.3g}" for v in row.values()) + " |", flush=True)
+        print(same_budget_table(record), flush=True)  # the rows measured so far by this run
         if args.json:
             write_record(args.json, record)
         del model
