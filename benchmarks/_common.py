@@ -31,6 +31,9 @@ def machine_info(device: str = "cpu") -> dict:
         "platform": platform.platform(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "load_average_at_start": os.getloadavg(),
+        # allocator and threading settings from the environment (glibc's MALLOC_*_ change how often large
+        # temporaries page-fault; see docs/performance.md, "Training")
+        "environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "OMP_NUM_THREADS"},
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu,
     }

@@ -12,7 +12,8 @@ weights from one seed: speed only. For each context length ``L``:
 Decoding steps of the two models are *interleaved* (one original step, one VKT step, ...), so a load that
 comes and goes on a shared machine hits both alike, and the ratio of the medians comes from one run.
 ``--busy N`` starts N busy-loop processes (pure Python) for the whole measurement: decoding under
-competition for the cores.
+competition for the cores. VKT decodes with the C++ step (``vkt_hf/ops/cpu_kernels.py``, built on first use)
+unless ``--eager``; the JSON's ``args.vkt_step`` says which ran.
 
 Example (the table of ``docs/performance.md``, "Decode")::
 
@@ -25,12 +26,14 @@ import argparse
 import gc
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,16 +56,38 @@ SMOLLM2 = dict(
 )
 
 
+class ProjectionsOnly(nn.Module):
+    """An attention module's four projections and nothing else (no RoPE, no cache, no softmax): the floor of
+    any attention that keeps these projections."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            attention.q_proj,
+            attention.k_proj,
+            attention.v_proj,
+            attention.o_proj,
+        )
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        self.k_proj(hidden_states), self.v_proj(hidden_states)
+        return self.o_proj(self.q_proj(hidden_states)), None
+
+
 def build(kind: str, layers: int):
-    """The random SmolLM2-shaped model (``original``) or its all-layer VKT conversion (``vkt``), float32, eval."""
+    """The random SmolLM2-shaped model (``original``), its all-layer VKT conversion (``vkt``, ``vkt_eager``) or
+    the original with its attention cut to the projections (``floor``), float32, eval."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import vkt_hf
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2, "num_hidden_layers": layers}, attn_implementation="sdpa"))
-    if kind == "vkt":
+    if kind.startswith("vkt"):
         model = vkt_hf.convert_to_vkt(model, layers="all")
+    if kind == "floor":
+        for layer in model.model.layers:
+            layer.self_attn = ProjectionsOnly(layer.self_attn)
     return model.eval()
 
 
@@ -71,12 +96,14 @@ def new_cache(kind: str, layers: int):
 
     import vkt_hf
 
-    return vkt_hf.VKTCache(["vkt"] * layers) if kind == "vkt" else DynamicCache()
+    return vkt_hf.VKTCache(["vkt"] * layers) if kind.startswith("vkt") else DynamicCache()
 
 
 def stretch(kind: str, cache, length: int, config) -> None:
     """Make ``cache`` (after the real prompt) stand for a context of ``length`` tokens (see the docstring)."""
-    if kind == "vkt":
+    if kind == "floor":  # it keeps no context
+        return
+    if kind.startswith("vkt"):
         for layer in cache.layers:
             layer.seen_tokens = length
             state = layer.state
@@ -118,9 +145,13 @@ def measure(models: dict, length: int, args) -> dict:
     times = {kind: [] for kind in caches}
     for step in range(args.steps + args.warmup):
         for kind in caches:
+            if kind == "vkt_eager":  # the same model decoding with the eager step (read on every step)
+                os.environ["VKT_CPU_KERNELS"] = "0"
             start = time.perf_counter()
             out = models[kind](tokens[kind], cache=caches[kind], use_cache=True)
             elapsed = time.perf_counter() - start
+            if kind == "vkt_eager":
+                os.environ["VKT_CPU_KERNELS"] = "0" if args.eager else "1"
             tokens[kind] = out.logits[:, -1:].argmax(-1)
             if step >= args.warmup:
                 times[kind].append(elapsed)
@@ -130,6 +161,9 @@ def measure(models: dict, length: int, args) -> dict:
         row[f"{kind}_cache_mib"] = cache_mib(caches[kind])
     if "original_ms" in row:
         row["ratio"] = row["vkt_ms"] / row["original_ms"]
+    for kind in ("vkt_eager", "floor"):
+        if f"{kind}_ms" in row and "original_ms" in row:
+            row[f"{kind}_ratio"] = row[f"{kind}_ms"] / row["original_ms"]
     return row
 
 
@@ -146,10 +180,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-original", type=int, default=131072, help="longest context for the original (its KV cache grows)"
     )
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="decode VKT with the eager step, not the C++ kernel (VKT_CPU_KERNELS=0; vkt_hf/ops/cpu_kernels.py)",
+    )
+    parser.add_argument(
+        "--compare-eager", action="store_true", help="also time a third model, the VKT one with the eager step"
+    )
+    parser.add_argument(
+        "--floor", action="store_true", help="also time the original with its attention cut to its projections"
+    )
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.eager:
+        os.environ["VKT_CPU_KERNELS"] = "0"
+    from vkt_hf.ops import cpu_kernels
+
+    args.vkt_step = "cpu kernel" if cpu_kernels.kernel() is not None else "eager"  # what the VKT model decodes with
     models = {"original": build("original", args.layers), "vkt": build("vkt", args.layers)}
+    if args.compare_eager:
+        models["vkt_eager"] = build("vkt_eager", args.layers)
+    if args.floor:
+        models["floor"] = build("floor", args.layers)
     competitors = [multiprocessing.Process(target=busy_loop, daemon=True) for _ in range(args.busy)]
     for process in competitors:
         process.start()
@@ -162,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
             ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
             print(
                 f"L={length:8d}  original {original} ms/tok ({row.get('original_cache_mib', 0):7.1f} MiB KV)"
-                f"  vkt {row['vkt_ms']:7.1f} ms/tok ({row['vkt_cache_mib']:.2f} MiB state)  ratio {ratio}",
+                f"  vkt {row['vkt_ms']:7.1f} ms/tok ({row['vkt_cache_mib']:.2f} MiB state)  ratio {ratio}"
+                + (f"  eager step {row['vkt_eager_ms']:.1f} ms/tok" if "vkt_eager_ms" in row else "")
+                + (f"  floor {row['floor_ms']:.1f} ms/tok" if "floor_ms" in row else ""),
                 flush=True,
             )
     finally:

@@ -84,6 +84,9 @@ def model_rows(payload: dict) -> list[str]:
 def layer_train_rows(payload: dict) -> list[str]:
     """The training targets (``benchmarks/layer_train.py``): SDPA / VKT from one run."""
     rows, threads = [], payload["args"]["threads"]
+    setting = f"{threads} thread(s)"
+    if any(name.startswith("MALLOC_") for name in payload.get("machine", {}).get("environment", {})):
+        setting += ", glibc malloc keeping freed memory"
     targets = {("fwd+bwd", 2048): 1.5, ("fwd+bwd", 4096): 2.5, ("fwd", 65536): 10.0}
     for r in payload["results"]:
         goal = targets.get((r["mode"], r["length"]))
@@ -92,9 +95,34 @@ def layer_train_rows(payload: dict) -> list[str]:
             continue
         what = "fwd, one competing busy process" if "busy_processes" in r else r["mode"]
         rows.append(
-            f"| layer {what} vs SDPA, N={r['length']}, {threads} thread(s) | >= {goal:g}x | {ratio:.2f}x "
+            f"| layer {what} vs SDPA, N={r['length']}, {setting} | >= {goal:g}x | {ratio:.2f}x "
             f"(VKT {r['seconds'].get('vkt', r['seconds'].get('vkt_auto')):.2f} s, SDPA {r['seconds']['sdpa']:.2f} s) | "
             f"{'met' if ratio >= goal else 'not met'} |"
+        )
+    return rows
+
+
+def decode_rows(payload: dict) -> list[str]:
+    """The decoding targets (``benchmarks/decode.py``): VKT / original ms per token after a 1k prompt, and
+    VKT's latency across context lengths, each from one run."""
+    rows, args = [], payload["args"]
+    setting = f"{args['threads']} thread(s)" + (f", {args['busy']} busy process(es)" if args.get("busy") else "")
+    points = sorted(payload["rows"], key=lambda r: r["length"])
+    first = next((r for r in points if r["length"] == 1024 and r.get("original_ms")), None)
+    if first is not None:
+        rows.append(
+            f"| decode after a 1k prompt vs the original, converted SmolLM2 shape, {setting} | <= 0.8x | "
+            f"{first['ratio']:.3f}x ({first['vkt_ms']:.1f} vs {first['original_ms']:.1f} ms/token) | "
+            f"{'met' if first['ratio'] <= 0.8 else 'not met'} |"
+        )
+    if len(points) > 2:
+        # flat: no context length decodes more than 10% slower than the shortest one
+        growth = max(r["vkt_ms"] for r in points) / points[0]["vkt_ms"] - 1
+        latencies = " / ".join(f"{r['vkt_ms']:.1f}" for r in points)
+        rows.append(
+            f"| decode flat from {points[0]['length']:,} to {points[-1]['length']:,} tokens (VKT), {setting} | "
+            f"flat | {latencies} ms/token (slowest vs the shortest context {growth:+.0%}) | "
+            f"{'met' if growth <= 0.10 else 'not met'} |"
         )
     return rows
 
@@ -106,7 +134,14 @@ def main() -> None:
     parser.add_argument(
         "--layer-train",
         nargs="*",
-        default=["docs/benchmarks/layer_train_cpu_1thread.json", "docs/benchmarks/layer_train_cpu_2threads.json"],
+        default=[f"docs/benchmarks/layer_train_cpu_{name}.json" for name in ("1thread", "1thread_malloc", "2threads")],
+    )
+    parser.add_argument(
+        "--decode",
+        nargs="*",
+        default=[
+            f"docs/benchmarks/decode_cpu_{name}.json" for name in ("1t", "1t_kernel_vs_eager", "2t_quiet", "2t_busy")
+        ],
     )
     args = parser.parse_args()
     print("| target | goal | measured | verdict |\n|---|---|---|---|")
@@ -117,6 +152,9 @@ def main() -> None:
     for path in args.layer_train:
         if Path(path).exists():
             print("\n".join(layer_train_rows(json.loads(Path(path).read_text()))))
+    for path in args.decode:
+        if Path(path).exists():
+            print("\n".join(decode_rows(json.loads(Path(path).read_text()))))
 
 
 if __name__ == "__main__":

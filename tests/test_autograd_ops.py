@@ -49,6 +49,63 @@ def test_decayed_scan_gradcheck(length, decay, initial):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
+def _reference_mean(vectors, weights, ld, initial, fallback):
+    """The causal decayed mean as the reference computes it (autograd over the chunked scan)."""
+    x = torch.cat([vectors * weights.unsqueeze(-1), weights.unsqueeze(-1)], dim=-1)
+    inclusive = ref.decayed_cumsum(x, ld, initial, 4)
+    exclusive = torch.cat([initial.unsqueeze(-2), inclusive[..., :-1, :]], dim=-2)
+    if ld is not None:
+        exclusive = exclusive * ld.exp().unsqueeze(-1)
+    return ref.weighted_mean(exclusive, fallback.unsqueeze(-2)), inclusive[..., -1, :]
+
+
+@pytest.mark.parametrize("length", [1, 5, 70])  # 70 tokens in chunks of 4: three levels of chunks
+@pytest.mark.parametrize("decay", [False, True], ids=["nodecay", "decay"])
+@pytest.mark.parametrize("underflow", [False, True], ids=["proper", "underflow"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpp", "torch"])
+def test_decayed_mean_gradcheck(monkeypatch, length, decay, underflow, kernel):
+    """Both implementations: the C++ sweep (``cpu_kernels.cpp``, built here) and the chunked PyTorch scan."""
+    from vkt_hf.ops import cpu_kernels
+
+    if kernel:
+        assert cpu_kernels.kernel() is not None, "the CPU kernels must build here (a C++ compiler is installed)"
+    else:
+        monkeypatch.setenv("VKT_CPU_KERNELS", "0")
+    vectors, weights = rnd(2, 1, length, 3), rnd(2, 1, length, seed=1, grad=False).abs().requires_grad_()
+    ld = (-torch.rand(2, 1, length, dtype=F64, generator=torch.Generator().manual_seed(2))).requires_grad_(decay)
+    initial = rnd(2, 1, 4, seed=3, grad=False).abs()
+    if underflow:  # row 0 has no weight at all: every total is 0, the fallback is the mean
+        with torch.no_grad():
+            weights[0] = 0
+            initial[0] = 0
+    initial.requires_grad_()
+    fallback = rnd(2, 1, 3, seed=4)
+    inputs = (vectors, weights, ld if decay else None, initial, fallback)
+    for got, want in zip(custom.decayed_mean(*inputs, 4), _reference_mean(*inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    leaves = [t for t in inputs if t is not None]
+
+    def fn(*ts):
+        it = iter(ts)
+        v, w, ld_ = next(it), next(it), next(it) if decay else None
+        return custom.decayed_mean(v, w, ld_, next(it), next(it), 4)
+
+    if not underflow:  # (at a total of exactly 0 the mean jumps to the fallback: no finite difference there)
+        assert torch.autograd.gradcheck(fn, leaves)
+    # against autograd of the reference: both outputs, and the mean alone (no gradient reaches the last state)
+    mean_cotangent = rnd(*vectors.shape, seed=5, grad=False)
+    for with_last in (True, False):
+        losses = []
+        for outputs in (fn(*leaves), _reference_mean(*inputs)):
+            mean, last = outputs
+            losses.append((mean * mean_cotangent).sum() + (last.square().sum() if with_last else 0))
+        got = torch.autograd.grad(losses[0], leaves, allow_unused=True)
+        want = torch.autograd.grad(losses[1], leaves, allow_unused=True)
+        for leaf, a, b in zip(leaves, got, want):
+            zeros = torch.zeros_like(leaf)
+            torch.testing.assert_close(zeros if a is None else a, zeros if b is None else b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize(("length", "window"), [(1, 1), (7, 3), (12, 4), (20, 16), (9, 5)])
 def test_window_sum_gradcheck(length, window):
     x, history = rnd(1, 2, length, 3), rnd(1, 2, window, 3, seed=1)

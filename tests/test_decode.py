@@ -165,3 +165,46 @@ def test_blocked_path_with_gradients(steps):
     with torch.enable_grad():
         model(ids[:, 7:], cache=cache).logits.sum().backward()
     assert not steps
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(learned_sink=True),
+        dict(sink_tokens=0, normalization="tanh"),
+        dict(context_weights="uniform", distance_decay=False),
+        dict(local_attention_rope=False, normalization="sigmoid"),
+    ],
+)
+def test_cpu_kernel_equals_the_eager_step(monkeypatch, variant):
+    """The C++ step (``vkt_hf/ops/cpu_kernels.cpp``) gives the eager step's logits and states, and runs."""
+    from vkt_hf.ops import cpu_kernels
+
+    assert cpu_kernels.kernel() is not None, "the kernel must build here (a C++ compiler is installed)"
+    model = converted(local_window=3, **variant)
+    ids = torch.randint(0, 101, (3, 24))
+    mask = torch.ones(3, 24, dtype=torch.long)
+    mask[1, :2] = 0
+    bounds = [0, 9, *range(10, 25)]
+    calls = []
+    run = cpu_kernels._MODULE.decode_step
+
+    class Counted:  # the loaded extension's attributes are read-only: count through a stand-in module
+        @staticmethod
+        def decode_step(*args):
+            calls.append(1)
+            return run(*args)
+
+    monkeypatch.setattr(cpu_kernels, "_MODULE", Counted)
+    fast, fast_cache = feed(model, ids, mask, bounds)
+    assert len(calls) >= 10 * 2
+    monkeypatch.setenv("VKT_CPU_KERNELS", "0")
+    calls.clear()
+    slow, slow_cache = feed(model, ids, mask, bounds)
+    assert not calls
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], slow[real], rtol=1e-5, atol=1e-5)
+    for fast_layer, slow_layer in zip(fast_cache.layers, slow_cache.layers):
+        for got, want in zip(fast_layer.state.tensors(), slow_layer.state.tensors()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import VKTState
+from ..ops import cpu_kernels
 from ..ops import functional as vkt
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -259,6 +260,10 @@ def decode_step(
     ``(B, Hk, G, ...)`` (``G = H / Hk``): key/value heads broadcast over their group, never repeated.
     """
     config = Options(layer.config)
+    if found.window_full and found.keys_full and found.far and cpu_kernels.supports(config, x):
+        module = cpu_kernels.kernel()
+        if module is not None:  # the same step in one C++ call (vkt_hf/ops/cpu_kernels.cpp)
+            return _kernel_step(module, layer, config, x, rotary, state, position)
     batch, heads, kv_heads, dim = x.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
     group = heads // kv_heads
     acc = torch.float64 if config.accumulation_dtype == "float64" else torch.float32
@@ -287,6 +292,50 @@ def decode_step(
         update()  # the state's sums, once everything has read the old ones
     else:
         a = scores.new_zeros(batch, kv_heads, group)
+    return mixed.view(batch, heads, 1, dim), a.view(batch, heads, 1)
+
+
+#: stands for an absent input of the kernel (no RoPE, no decay, no sink)
+_NONE = torch.empty(0)
+
+
+def _kernel_step(module, layer, config, x, rotary, state, position) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_step` through the C++ kernel: the projections here, the rest in one call."""
+    batch, heads, kv_heads, dim = x.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
+    x = x.view(batch, -1)
+    query = linear(layer.q_proj, x).view(batch, heads, dim)
+    keys = linear(layer.k_proj, x).view(batch, kv_heads, dim)
+    values = linear(layer.v_proj, x).view(batch, kv_heads, dim)
+    gates = linear(layer.readout_gate, x)  # (B, 2 H): g_K, g_T
+    cos = sin = _NONE
+    if rotary is not None:  # (B or 1, 1, d) -> (B, d)
+        cos, sin = (t.reshape(t.shape[0], dim).expand(batch, dim).contiguous() for t in rotary)
+    learned = config.learned_sink
+    mixed, a = module.decode_step(
+        query,
+        keys,
+        values,
+        gates,
+        cos,
+        sin,
+        layer.importance,
+        _gamma(layer) if config.distance_decay else _NONE,
+        layer.summary_bias,
+        layer.sink_key if learned else _NONE,
+        layer.sink_value if learned else _NONE,
+        state.weighted_sum,
+        state.weight_total,
+        state.window,
+        state.keys,
+        state.values,
+        state.sink_keys if config.sink_tokens else _NONE,
+        state.sink_values if config.sink_tokens else _NONE,
+        state.tokens_seen,
+        position,
+        float(config.eps),
+        cpu_kernels.NORMALIZATION_CODES[config.normalization],
+        config.context_weights == "uniform",
+    )
     return mixed.view(batch, heads, 1, dim), a.view(batch, heads, 1)
 
 

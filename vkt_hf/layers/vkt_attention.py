@@ -222,26 +222,73 @@ def mix(
     global_ctx, g_state = ops.global_context(
         stream, weights, mask, null, layer.log_decay(), causal=layer.causal, state=g_state, backend=backend
     )  # (B, H, N, D)
-    local_ctx, l_state = ops.local_context(
-        stream, mask, null, layer.local_window, causal=layer.causal, state=l_state, backend=backend
-    )  # (B, H, N, D)
-    a = vkt.scalar_attention(proj.scores, global_ctx[..., :d], local_ctx[..., :d], config.eps, config.normalization)
+    local_ctx, l_state = _local_context(stream, mask, null, l_state, layer)  # (B, H, N, D)
+    # the context and value parts as one split each (its backward is one concatenation; slicing twice would
+    # zero-fill and copy two full-size gradients)
+    global_ctx, global_values = global_ctx.split(d, dim=-1) if config.readout else (global_ctx, None)
+    local_ctx, local_values = local_ctx.split(d, dim=-1) if config.readout else (local_ctx, None)
+    a = vkt.scalar_attention(proj.scores, global_ctx, local_ctx, config.eps, config.normalization)
     mixed = a.unsqueeze(-1) * proj.gated  # a_i * U_i: (B, H, N, d)
     # the read-out's global mean as one slot of the window's softmax (no read-out: no slot)
     in_window = config.readout and config.local_attention and config.global_readout == "window"
     if config.readout:
         gates = proj.gates.unsqueeze(-1)  # (2, B, H, N, 1)
-        mixed = mixed + gates[1] * local_ctx[..., d:]
+        mixed = torch.addcmul(mixed, gates[1], local_values)
         if not in_window:
-            mixed = mixed + gates[0] * global_ctx[..., d:]
+            mixed = torch.addcmul(mixed, gates[0], global_values)
     if not layer.causal:
         return mixed, a, None
     new_state = VKTState(g_state[0], g_state[1], l_state[0], l_state[1])
     if config.local_attention:
-        summary = (global_ctx[..., :d], global_ctx[..., d:]) if in_window else None
+        summary = (global_ctx, global_values) if in_window else None
         attended, new_state = _window_attention(proj, mask.bool(), state, new_state, layer, summary)
         mixed = mixed + attended
     return mixed, a, new_state
+
+
+def _local_context(
+    stream: torch.Tensor,
+    mask: torch.Tensor,
+    null: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor] | None,
+    layer: VKTAttention,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``T`` ``(B, H, N, D)`` of ``stream`` and the new local state, summed once per key/value head where it can be.
+
+    With keys as the context (``context_source="key"``) every query head of a group sums copies of the
+    same vectors (its key/value head's keys, and values), so the window sums run over the ``Hk`` key/value
+    heads and are broadcast to the ``G`` heads of each group: the same numbers, ``G`` times less work. Only
+    the null vector (per query head) differs, where a token has no real token in its window.
+    """
+    config = layer.config
+    heads, kv_heads = layer.num_heads, layer.num_kv_heads
+    window = layer.local_window
+    if heads == kv_heads or config.context_source != "key" or not layer.causal:
+        return ops.local_context(
+            stream, mask, null, window, causal=layer.causal, state=state, backend=config.vkt_backend
+        )
+    batch, _, length, dim = stream.shape
+    group = heads // kv_heads
+    one = (slice(None), slice(None), 0)  # the first head of each group: (B, Hk, ...)
+    kv_state = None if state is None else (state[0].unflatten(1, (kv_heads, group))[one], state[1])
+    local, (last, last_mask) = ops.local_context(
+        stream.unflatten(1, (kv_heads, group))[one],
+        mask,
+        null.unflatten(0, (kv_heads, group))[:, 0],
+        window,
+        causal=True,
+        state=kv_state,
+        backend=config.vkt_backend,
+    )  # (B, Hk, N, D)
+    # real tokens among the n positions before each token (history first): a difference of integer prefix sums
+    before = mask.new_zeros(batch, window) if state is None else state[1]
+    real = torch.cat([before != 0, mask != 0], dim=-1).to(torch.int64)  # (B, n + N)
+    prefix = torch.nn.functional.pad(real.cumsum(-1), (1, 0))  # prefix[k]: real tokens among the first k
+    seen = (prefix[:, window : window + length] - prefix[:, :length]) > 0  # (B, N)
+    null = null.to(local.dtype).view(1, kv_heads, group, 1, dim)
+    local = torch.where(seen[:, None, None, :, None], local.unsqueeze(2), null).flatten(1, 2)  # (B, H, N, D)
+    last = last.unsqueeze(2).expand(batch, kv_heads, group, *last.shape[-2:]).flatten(1, 2)
+    return local, (last, last_mask)
 
 
 def mix_packed(

@@ -22,9 +22,9 @@ whose backward is written out:
 The forward passes compute what the reference computes, op for op where it matters (the
 same chunked scan, the same block sums, the same softmax), so forward results agree with it
 to float rounding; ``tests/test_autograd_ops.py`` checks forward and backward against
-autograd of the reference (``gradcheck`` in float64). This module imports only torch: the
-reference imports it (the layer calls :func:`.functional.sliding_window_attention` directly),
-never the other way round.
+autograd of the reference (``gradcheck`` in float64). This module imports only torch and the
+compiled CPU kernels (:mod:`.cpu_kernels`): the reference imports it (the layer calls
+:func:`.functional.sliding_window_attention` directly), never the other way round.
 
 Dtypes: every sum runs in the dtype of its inputs (float32 or float64: the callers pass the
 accumulation dtype); under autocast the Functions switch it off inside, so a bf16 autocast
@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_kernels
 
 # --------------------------------------------------------------------------------------------
 # decayed scan
@@ -125,6 +127,139 @@ def decayed_scan(
     if x.shape[-2] == 0:
         return x.clone()
     return DecayedScan.apply(x, log_decay, initial, chunk_size)
+
+
+def _reverse_scan(grad: torch.Tensor, log_decay: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """``H_t = g_t + exp(ld_{t+1}) H_{t+1}`` (``H_{N-1} = g_{N-1}``): the scan's adjoint, run from the end."""
+    if log_decay is None:
+        return _scan(grad.flip(-2), None, None, chunk).flip(-2)
+    shifted = F.pad(log_decay[..., 1:], (0, 1))
+    return _scan(grad.flip(-2), shifted.flip(-1), None, chunk).flip(-2)
+
+
+def _cpu_kernels(x: torch.Tensor):
+    """The compiled CPU kernels (:mod:`.cpu_kernels`) for a float32/float64 CPU tensor, or ``None``."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    return cpu_kernels.kernel()
+
+
+_EMPTY = torch.empty(0)
+
+
+class DecayedMean(torch.autograd.Function):
+    """The causal global mean of :func:`.functional.global_context` as one node: the scan of the weighted
+    vectors and weights, its exclusive shift and the division (see :func:`decayed_mean`). On CPU both passes
+    are one sequential sweep per row in C++ (``cpu_kernels.cpp``) when the kernels are built."""
+
+    @staticmethod
+    def forward(ctx, vectors, weights, log_decay, initial, fallback, chunk):
+        module = _cpu_kernels(vectors)
+        ctx.cpu = module is not None
+        if ctx.cpu:
+            inputs = [t.contiguous() for t in (vectors, weights, initial, fallback)]
+            ld = _EMPTY if log_decay is None else log_decay.contiguous()
+            mean, last = module.decayed_mean_forward(inputs[0], inputs[1], ld, inputs[2], inputs[3])
+            ctx.save_for_backward(*inputs[:2], log_decay, *inputs[2:])
+            return mean, last
+        with torch.autocast(vectors.device.type, enabled=False):
+            dim = vectors.shape[-1]
+            x = torch.cat([vectors * weights.unsqueeze(-1), weights.unsqueeze(-1)], dim=-1)  # (B, H, N, D + 1)
+            inclusive = _scan(x, log_decay, initial, chunk)
+            last = inclusive[..., -1, :].clone()
+            # the sums of the tokens before each one: the inclusive sums shifted by one, then decayed once
+            exclusive = torch.cat([initial.unsqueeze(-2), inclusive[..., :-1, :]], dim=-2)
+            if log_decay is not None:
+                exclusive.mul_(log_decay.exp().unsqueeze(-1))
+            sums, total = exclusive[..., :dim], exclusive[..., dim:]
+            positive = total > 0
+            if bool(positive.all()):
+                mean = sums / total
+            else:  # every weight underflowed: the starting mean is the limit
+                mean = torch.where(positive, sums / torch.where(positive, total, 1), fallback.unsqueeze(-2))
+        ctx.chunk = chunk
+        ctx.save_for_backward(vectors, weights, log_decay, exclusive, mean)
+        return mean, last
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_last):
+        if ctx.cpu:
+            vectors, weights, log_decay, initial, fallback = ctx.saved_tensors
+            grads = cpu_kernels.kernel().decayed_mean_backward(
+                _EMPTY if grad_mean is None else grad_mean.to(vectors.dtype).contiguous(),
+                _EMPTY if grad_last is None else grad_last.to(vectors.dtype).contiguous(),
+                vectors,
+                weights,
+                _EMPTY if log_decay is None else log_decay.contiguous(),
+                initial,
+                fallback,
+            )
+            d_vectors, d_weights, d_log_decay, d_initial, d_fallback = grads
+            return d_vectors, d_weights, None if log_decay is None else d_log_decay, d_initial, d_fallback, None
+        vectors, weights, log_decay, exclusive, mean = ctx.saved_tensors
+        dim = vectors.shape[-1]
+        with torch.autocast(vectors.device.type, enabled=False):
+            total = exclusive[..., dim:]  # (B, H, N, 1)
+            positive = total > 0
+            d_fallback = None
+            if grad_mean is None:
+                d_exclusive = torch.zeros_like(exclusive)
+            else:
+                grad_mean = grad_mean.to(mean.dtype)
+                inverse = torch.where(positive, 1 / torch.where(positive, total, 1), 0)
+                d_sums = grad_mean * inverse  # d mean / d sums = 1 / total
+                d_total = -(d_sums * mean).sum(-1, keepdim=True)  # d mean / d total = -mean / total
+                d_exclusive = torch.cat([d_sums, d_total], dim=-1)  # (B, H, N, D + 1)
+                if ctx.needs_input_grad[4]:  # the fallback is the mean only where the total is 0
+                    d_fallback = (
+                        torch.zeros_like(grad_mean[..., 0, :])
+                        if bool(positive.all())
+                        else torch.where(positive, 0, grad_mean).sum(-2)
+                    )
+            # exclusive_t = exp(ld_t) y_{t-1}: with H_t = d exclusive_t + (dy_t), H is the reverse scan of
+            # d exclusive (the last state's gradient added at the end), dx_t = dy_t = exp(ld_{t+1}) H_{t+1}
+            seed = d_exclusive
+            if grad_last is not None:
+                seed = d_exclusive.clone()
+                seed[..., -1, :] += grad_last.to(seed.dtype)
+            h = _reverse_scan(seed, log_decay, ctx.chunk)  # (B, H, N, D + 1)
+            decay = None if log_decay is None else log_decay.exp().unsqueeze(-1)  # (B, H, N, 1)
+            dx = torch.empty_like(h)
+            dx[..., :-1, :] = h[..., 1:, :] if decay is None else h[..., 1:, :] * decay[..., 1:, :]
+            dx[..., -1, :] = 0 if grad_last is None else grad_last.to(dx.dtype)
+            d_initial = h[..., 0, :] if decay is None else h[..., 0, :] * decay[..., 0, :]
+            d_log_decay = (h * exclusive).sum(-1) if log_decay is not None and ctx.needs_input_grad[2] else None
+            d_vectors = dx[..., :dim] * weights.unsqueeze(-1)
+            d_weights = (dx[..., :dim] * vectors).sum(-1) + dx[..., dim]
+        return d_vectors, d_weights, d_log_decay, d_initial, d_fallback, None
+
+
+def decayed_mean(
+    vectors: torch.Tensor,
+    weights: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    initial: torch.Tensor,
+    fallback: torch.Tensor,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal decayed weighted mean of the tokens before each one, and the sums after the last.
+
+    With ``y_t = exp(ld_t) y_{t-1} + [w_t v_t, w_t]`` (``y_{-1} = initial``), token ``t`` gets
+    ``E_t = exp(ld_t) y_{t-1}`` (the tokens before it) and the mean ``E_t[:D] / E_t[D]`` (``fallback``
+    where that total is 0). Backward: with ``H`` the reverse scan of ``dE`` (the last state's gradient added
+    at the end), ``dy_t = exp(ld_{t+1}) H_{t+1}``, ``d ld_t = H_t . E_t``, ``d initial = exp(ld_0) H_0``.
+
+    Args:
+        vectors: ``(B, H, N, D)`` finite (padding already selected out); ``weights`` ``(B, H, N)``.
+        log_decay: ``(B, H, N)`` or ``None``; ``initial``: ``(B, H, D + 1)`` the sums before the first
+            token; ``fallback``: ``(B, H, D)``.
+
+    Returns:
+        ``mean`` ``(B, H, N, D)`` and ``last`` ``(B, H, D + 1)`` (the inclusive sums of the last token).
+    """
+    if vectors.shape[-2] == 0:
+        return vectors.clone(), initial.clone()
+    return DecayedMean.apply(vectors, weights, log_decay, initial, fallback, chunk_size)
 
 
 # --------------------------------------------------------------------------------------------

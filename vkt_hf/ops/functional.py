@@ -385,8 +385,9 @@ def global_context(
         causal: causal (``j < i``) or bidirectional (``j != i``).
         state: ``(weighted_mean (B, H, D), weight_total (B, H))`` carried from the previous
             chunk (causal only); ``None`` starts from the null token.
-        custom_backward: run the scans through :func:`.autograd.decayed_scan` (same forward,
-            backward written out as the reverse scan) instead of autograd over the chunks.
+        custom_backward: causal, the whole mean as :func:`.autograd.decayed_mean` (the same forward, backward
+            written out: the reverse scan); bidirectional, the scans through :func:`.autograd.decayed_scan`;
+            instead of autograd over the chunks.
 
     Returns:
         ``K`` ``(B, H, N, D)`` and the new state (the mean and total including the last token).
@@ -396,8 +397,11 @@ def global_context(
     acc = inputs.weights.dtype
     w = inputs.weights  # (B, H, N)
     vectors = stream.to(acc) if _all(inputs.use) else torch.where(inputs.use.unsqueeze(-1), stream.to(acc), 0)
-    x = torch.cat([vectors * w.unsqueeze(-1), w.unsqueeze(-1)], dim=-1)  # (B, H, N, D + 1)
     ld = None if log_decay is None else log_decay.to(acc)[None, :, None] * (mask != 0).to(acc)[:, None, :]
+    if custom_backward and causal:  # the scan, its shift and the division as one node
+        mean, last = autograd.decayed_mean(vectors, w, ld, inputs.initial, inputs.start_mean, chunk_size)
+        return global_outputs(mean, last, inputs, causal)
+    x = torch.cat([vectors * w.unsqueeze(-1), w.unsqueeze(-1)], dim=-1)  # (B, H, N, D + 1)
     inclusive = scan(x, ld, inputs.initial, chunk_size)  # (B, H, N, D + 1)
     previous = torch.cat([inputs.initial.unsqueeze(-2), inclusive[..., :-1, :]], dim=-2)[..., : x.shape[-2], :]
     exclusive = previous if ld is None else previous * ld.exp().unsqueeze(-1)  # tokens j < i
