@@ -1,8 +1,9 @@
-// One-token decoding step of a VKT layer with the local attention window, on CPU, in one call.
+// VKT's CPU kernels (loaded by vkt_hf/ops/cpu_kernels.py): the one-token decoding step, and the causal decayed
+// mean's forward and backward (at the end of the file).
 //
-// The same math as `decode_step` of vkt_hf/layers/decode.py (read that first; docs/method.md has the
+// Decoding: the same math as `decode_step` of vkt_hf/layers/decode.py (read that first; docs/method.md has the
 // formula) for the layers conversions install: keys as the context, values gated and read out, the
-// global read-out as a slot of the window's softmax, float32. Every head of a row is a few hundred
+// global read-out as a slot of the window's softmax, float32. Every head of a row is a few thousand
 // multiply-adds; the eager step spends ~100 tensor operations (dispatch, not arithmetic) on them.
 //
 // Layouts (all contiguous, float32 unless said): q (B, H, d) the raw queries; k, v (B, Hk, d) the raw

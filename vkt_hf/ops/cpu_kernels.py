@@ -1,6 +1,6 @@
 """C++ kernels for CPU (``cpu_kernels.cpp``), built on first use: the one-token decoding step and the decayed mean.
 
-* ``decode_step``: a decoding step of a converted layer is a few hundred multiply-adds per head, which the eager
+* ``decode_step``: a decoding step of a converted layer is a few thousand multiply-adds per head, which the eager
   step (:func:`vkt_hf.layers.decode.decode_step`) spends ~100 tensor operations on: their dispatch, not their
   arithmetic, is its cost. The kernel does the same math in one call.
 * ``decayed_mean_forward`` / ``decayed_mean_backward``: the causal global mean of
