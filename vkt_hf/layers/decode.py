@@ -295,10 +295,6 @@ def decode_step(
     return mixed.view(batch, heads, 1, dim), a.view(batch, heads, 1)
 
 
-#: stands for an absent input of the kernel (no RoPE, no decay, no sink)
-_NONE = torch.empty(0)
-
-
 def _kernel_step(module, layer, config, x, rotary, state, position) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`decode_step` through the C++ kernel: the projections here, the rest in one call."""
     batch, heads, kv_heads, dim = x.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
@@ -307,7 +303,7 @@ def _kernel_step(module, layer, config, x, rotary, state, position) -> tuple[tor
     keys = linear(layer.k_proj, x).view(batch, kv_heads, dim)
     values = linear(layer.v_proj, x).view(batch, kv_heads, dim)
     gates = linear(layer.readout_gate, x)  # (B, 2 H): g_K, g_T
-    cos = sin = _NONE
+    cos = sin = cpu_kernels.ABSENT
     if rotary is not None:  # (B or 1, 1, d) -> (B, d)
         cos, sin = (t.reshape(t.shape[0], dim).expand(batch, dim).contiguous() for t in rotary)
     learned = config.learned_sink
@@ -319,17 +315,17 @@ def _kernel_step(module, layer, config, x, rotary, state, position) -> tuple[tor
         cos,
         sin,
         layer.importance,
-        _gamma(layer) if config.distance_decay else _NONE,
+        _gamma(layer) if config.distance_decay else cpu_kernels.ABSENT,
         layer.summary_bias,
-        layer.sink_key if learned else _NONE,
-        layer.sink_value if learned else _NONE,
+        layer.sink_key if learned else cpu_kernels.ABSENT,
+        layer.sink_value if learned else cpu_kernels.ABSENT,
         state.weighted_sum,
         state.weight_total,
         state.window,
         state.keys,
         state.values,
-        state.sink_keys if config.sink_tokens else _NONE,
-        state.sink_values if config.sink_tokens else _NONE,
+        state.sink_keys if config.sink_tokens else cpu_kernels.ABSENT,
+        state.sink_values if config.sink_tokens else cpu_kernels.ABSENT,
         state.tokens_seen,
         position,
         float(config.eps),

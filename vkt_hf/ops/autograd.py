@@ -78,6 +78,15 @@ def _scan(x: torch.Tensor, log_decay: torch.Tensor | None, initial: torch.Tensor
     return y.reshape(*lead, total, dim)[..., :n, :]
 
 
+def _reverse_scan(grad: torch.Tensor, log_decay: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """``H_t = g_t + exp(ld_{t+1}) H_{t+1}`` (``H_{N-1} = g_{N-1}``): the scan's adjoint, run from the end (the
+    forward scan of the flipped gradient with the decays shifted by one)."""
+    if log_decay is None:
+        return _scan(grad.flip(-2), None, None, chunk).flip(-2)
+    shifted = F.pad(log_decay[..., 1:], (0, 1))
+    return _scan(grad.flip(-2), shifted.flip(-1), None, chunk).flip(-2)
+
+
 class DecayedScan(torch.autograd.Function):
     """:func:`decayed_scan` with its backward written out (the reverse scan)."""
 
@@ -95,13 +104,10 @@ class DecayedScan(torch.autograd.Function):
         x, log_decay, y = ctx.saved_tensors
         with torch.autocast(grad.device.type, enabled=False):
             grad = grad.to(y.dtype)
+            total = _reverse_scan(grad, log_decay, ctx.chunk)  # G_t = g_t + exp(ld_{t+1}) G_{t+1}: (..., N, D)
             if log_decay is None:
-                total = _scan(grad.flip(-2), None, None, ctx.chunk).flip(-2)  # G_t = sum_{u >= t} g_u
                 d_initial = total[..., 0, :] if ctx.has_initial else None
                 return total, None, d_initial, None
-            # G_t = g_t + exp(ld_{t+1}) G_{t+1}: the forward scan of the flipped gradient, decays shifted by one
-            shifted = F.pad(log_decay[..., 1:], (0, 1))
-            total = _scan(grad.flip(-2), shifted.flip(-1), None, ctx.chunk).flip(-2)  # (..., N, D)
             d_log_decay = None
             if ctx.needs_input_grad[1]:
                 d_log_decay = (total * (y - x)).sum(-1)  # exp(ld_t) y_{t-1} = y_t - x_t
@@ -129,22 +135,11 @@ def decayed_scan(
     return DecayedScan.apply(x, log_decay, initial, chunk_size)
 
 
-def _reverse_scan(grad: torch.Tensor, log_decay: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """``H_t = g_t + exp(ld_{t+1}) H_{t+1}`` (``H_{N-1} = g_{N-1}``): the scan's adjoint, run from the end."""
-    if log_decay is None:
-        return _scan(grad.flip(-2), None, None, chunk).flip(-2)
-    shifted = F.pad(log_decay[..., 1:], (0, 1))
-    return _scan(grad.flip(-2), shifted.flip(-1), None, chunk).flip(-2)
-
-
 def _cpu_kernels(x: torch.Tensor):
     """The compiled CPU kernels (:mod:`.cpu_kernels`) for a float32/float64 CPU tensor, or ``None``."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
     return cpu_kernels.kernel()
-
-
-_EMPTY = torch.empty(0)
 
 
 class DecayedMean(torch.autograd.Function):
@@ -158,7 +153,7 @@ class DecayedMean(torch.autograd.Function):
         ctx.cpu = module is not None
         if ctx.cpu:
             inputs = [t.contiguous() for t in (vectors, weights, initial, fallback)]
-            ld = _EMPTY if log_decay is None else log_decay.contiguous()
+            ld = cpu_kernels.ABSENT if log_decay is None else log_decay.contiguous()
             mean, last = module.decayed_mean_forward(inputs[0], inputs[1], ld, inputs[2], inputs[3])
             ctx.save_for_backward(*inputs[:2], log_decay, *inputs[2:])
             return mean, last
@@ -186,11 +181,11 @@ class DecayedMean(torch.autograd.Function):
         if ctx.cpu:
             vectors, weights, log_decay, initial, fallback = ctx.saved_tensors
             grads = cpu_kernels.kernel().decayed_mean_backward(
-                _EMPTY if grad_mean is None else grad_mean.to(vectors.dtype).contiguous(),
-                _EMPTY if grad_last is None else grad_last.to(vectors.dtype).contiguous(),
+                cpu_kernels.ABSENT if grad_mean is None else grad_mean.to(vectors.dtype).contiguous(),
+                cpu_kernels.ABSENT if grad_last is None else grad_last.to(vectors.dtype).contiguous(),
                 vectors,
                 weights,
-                _EMPTY if log_decay is None else log_decay.contiguous(),
+                cpu_kernels.ABSENT if log_decay is None else log_decay.contiguous(),
                 initial,
                 fallback,
             )

@@ -28,6 +28,8 @@ logger = logging.get_logger(__name__)
 #: the normalizations the kernel computes, by the code it takes
 NORMALIZATION_CODES = {"softsign": 0, "sigmoid": 1, "tanh": 2, "none": 3}
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+#: an input the kernels take as absent (no RoPE, no decay, no sink, no gradient): an empty tensor
+ABSENT = torch.empty(0)
 
 _MODULE: Any = None
 _FAILED = False
