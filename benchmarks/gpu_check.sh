@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# One device run (about 5 minutes on an H200): the GPU tests, a bf16 check and a long-context
-# mixer benchmark (Triton vs fused vs reference vs SDPA), everything written to $OUT.
+# One device run (about 8 minutes on an H200): the GPU tests, a bf16 check, a long-context mixer benchmark
+# (Triton vs fused vs reference vs SDPA) and the kernel comparison of benchmarks/gpu_compare.py (VKT's
+# kernels vs fla-core's chunked scan and flex_attention), everything written to $OUT.
 #   OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
-# Uses the machine's own python3 with torch + triton + transformers; installs nothing.
+# Uses the machine's own python3 with torch + triton + transformers. fla-core (and einops) install from
+# wheels in $WHEELS when there are any (the device has no network): fetch them here first with
+#   pip download fla-core einops --no-deps -d .cache/vkt-hf/wheels
+# and carry .cache/vkt-hf/wheels.
 set -u
 export OUT=${OUT:-/tmp/vkt_gpu_out}
 mkdir -p "$OUT"
@@ -44,4 +48,10 @@ timeout 200 $PY benchmarks/mixer.py --device cuda --in-process --modes fwd \
   --methods vkt_core vkt_core_fused vkt_core_ref sdpa vkt_layer copy none \
   --lengths 4096 16384 65536 262144 1048576 --repeats 5 --max-seconds 15 \
   --out "$OUT/mixer_h200.json" 2>&1 | grep -v "^wrote" | tail -40
+echo "== kernel comparison (fla-core, flex_attention)"
+WHEELS=${WHEELS:-.cache/vkt-hf/wheels}
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  $PY -m pip install --quiet --no-deps --no-index "$WHEELS"/*.whl 2>&1 | tail -2
+fi
+timeout 240 $PY benchmarks/gpu_compare.py --device cuda --out "$OUT/gpu_compare_h200.json" 2>&1 | tail -40
 echo "== done"

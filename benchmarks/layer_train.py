@@ -103,28 +103,41 @@ def step(layer: nn.Module, x: torch.Tensor, train: bool) -> None:
             layer(x)
 
 
-def timed(layer: nn.Module, x: torch.Tensor, train: bool) -> float:
+def page_faults() -> int:
+    """Minor page faults of this process so far (fresh pages the allocator had zeroed); 0 where unknown."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(layer: nn.Module, x: torch.Tensor, train: bool) -> tuple[float, int]:
+    """Seconds of one step, and the minor page faults it took."""
+    faults = page_faults()
     start = time.perf_counter()
     step(layer, x, train)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, page_faults() - faults
 
 
 def compare(layers: dict[str, nn.Module], length: int, train: bool, repeats: int) -> dict:
     """Alternating timed steps of every layer at one length; medians, all times and the ratio sdpa / vkt."""
     torch.manual_seed(0)
     x = torch.randn(1, length, DIMS["hidden_size"], requires_grad=train)
-    times: dict[str, list[float]] = {name: [] for name in layers}
+    steps: dict[str, list[tuple[float, int]]] = {name: [] for name in layers}
     for name, layer in layers.items():  # warm-up (allocator, thread pool); skipped for long calls
         if length <= 4096:
-            times[name].append(timed(layer, x, train))
+            steps[name].append(timed(layer, x, train))
     for _ in range(repeats):
         for name, layer in layers.items():
-            times[name].append(timed(layer, x, train))
+            steps[name].append(timed(layer, x, train))
     for name in layers:
-        if len(times[name]) > repeats:
-            times[name] = times[name][1:]  # the warm-up step is not counted
+        if len(steps[name]) > repeats:
+            steps[name] = steps[name][1:]  # the warm-up step is not counted
+    times = {name: [seconds for seconds, _ in taken] for name, taken in steps.items()}
     medians = {name: median(ts) for name, ts in times.items()}
     row = {"length": length, "mode": "fwd+bwd" if train else "fwd", "seconds": medians, "all_seconds": times}
+    row["all_page_faults"] = {name: [faults for _, faults in taken] for name, taken in steps.items()}
     row["ratio_sdpa_over_vkt"] = {n: medians["sdpa"] / s for n, s in medians.items() if n != "sdpa"}
     return row
 

@@ -191,8 +191,39 @@ WINDOW_CASES = {
 }
 
 
+def window_kernel_calls(monkeypatch, kernel: bool) -> list[str]:
+    """Run the softmax window on its C++ kernels (``kernel``: they must build here) or on PyTorch; returns the
+    list the kernels' calls are recorded in (``"forward"`` / ``"backward"``; ``"declined"`` for non-finite input)."""
+    from vkt_hf.ops import cpu_kernels
+
+    calls: list[str] = []
+    if not kernel:
+        monkeypatch.setenv("VKT_CPU_KERNELS", "0")
+        return calls
+    module = cpu_kernels.kernel()
+    assert module is not None, "the CPU kernels must build here (a C++ compiler is installed)"
+
+    class Counted:  # the extension's attributes are read-only: count through a stand-in module
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        def window_softmax_forward(self, *args):
+            result = module.window_softmax_forward(*args)
+            calls.append("forward" if result else "declined")
+            return result
+
+        def window_softmax_backward(self, *args):
+            calls.append("backward")
+            return module.window_softmax_backward(*args)
+
+    monkeypatch.setattr(cpu_kernels, "_MODULE", Counted())
+    return calls
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=list(WINDOW_CASES))
-def test_window_softmax_matches_reference(case):
+def test_window_softmax_matches_reference(monkeypatch, case, kernel):
+    calls = window_kernel_calls(monkeypatch, kernel)
     inputs = window_inputs(**WINDOW_CASES[case])
     results = {}
     for flag in (False, True):
@@ -205,10 +236,68 @@ def test_window_softmax_matches_reference(case):
         assert torch.equal(got, want)
     for got, want in zip(results[True][2], results[False][2]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert calls == (["forward", "backward"] if kernel else [])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+def test_window_kernel_at_model_size(monkeypatch, dtype):
+    """Head size and window as in the converted models (64, 64; and 40 in float64): the kernels' register tiles run
+    (the small cases above take only their remainder loops). The C++ kernels against the PyTorch Function."""
+    window = 64 if dtype == torch.float32 else 40
+    q, k, v, key_mask, _, past, sink, visible, slot = window_inputs(
+        batch=2, heads=6, kv_heads=2, length=150, dim=64, window=window, sinks=1
+    )
+    floats = [t.detach().to(dtype) for t in (q, k, v, *past[:2], *sink[:2], *slot)]
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    results = []
+    for kernel in (True, False):
+        with monkeypatch.context() as patch:
+            calls = window_kernel_calls(patch, kernel)
+            leaves = [t.clone().requires_grad_() for t in floats]
+            q_, k_, v_, pk, pv, sk, sv, logit, value = leaves
+            out, _ = ref.sliding_window_attention(
+                q_,
+                k_,
+                v_,
+                key_mask,
+                window,
+                (pk, pv, past[2]),
+                (sk, sv, sink[2]),
+                visible,
+                None,
+                (logit, value),
+                custom_backward=True,
+            )
+            probe = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(10))
+            results.append((out, torch.autograd.grad((out * probe).sum(), leaves)))
+            assert calls == (["forward", "backward"] if kernel else [])
+    (out, grads), (want, want_grads) = results
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_window_kernel_declines_non_finite_input(monkeypatch):
+    """A NaN or inf key/value: the kernel declines and the PyTorch Function runs (its rules: only the queries that
+    weigh the bad value get NaN), so the result is the reference's."""
+    calls = window_kernel_calls(monkeypatch, True)
+    q, k, v, key_mask, window, past, sink, visible, slot = window_inputs(length=9)
+    with torch.no_grad():
+        v[0, 0, 7] = float("inf")
+        k[1, 1, 8, 0] = float("nan")
+    got, _ = ref.sliding_window_attention(
+        q, k, v, key_mask, window, past, sink, visible, None, slot, custom_backward=True
+    )
+    want, _ = ref.sliding_window_attention(q, k, v, key_mask, window, past, sink, visible, None, slot)
+    assert calls == ["declined"]
+    assert torch.isnan(got).any() and torch.equal(torch.isnan(got), torch.isnan(want))
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("case", ["all", "fresh", "no-slot"])
-def test_window_softmax_gradcheck(case):
+def test_window_softmax_gradcheck(monkeypatch, case, kernel):
+    calls = window_kernel_calls(monkeypatch, kernel)
     options = {**WINDOW_CASES[case], "batch": 1, "heads": 2, "kv_heads": 1, "length": 6, "dim": 2, "window": 3}
     q, k, v, key_mask, window, past, sink, visible, slot = window_inputs(**options)
     leaves = window_leaves(q, k, v, key_mask, window, past, sink, visible, slot)
@@ -223,6 +312,7 @@ def test_window_softmax_gradcheck(case):
         return ref.sliding_window_attention(*args, custom_backward=True)[0]
 
     assert torch.autograd.gradcheck(fn, leaves)
+    assert ("backward" in calls) == kernel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +368,15 @@ def test_dispatch_picks_the_custom_backward_for_training(monkeypatch):
     monkeypatch.setenv("VKT_BACKEND", "reference")
     assert ops.resolve_backend(long.clone().requires_grad_()) == "reference"
     assert not ops.window_custom_backward(None, trained) and ops.window_custom_backward("autograd", trained)
+
+
+def test_inference_window_runs_the_cpu_kernel(monkeypatch):
+    monkeypatch.delenv("VKT_BACKEND", raising=False)
+    query = torch.zeros(1, 1, 4, 2)
+    assert ops.window_cpu_kernel(None, query) and ops.window_cpu_kernel("fused", query.double())
+    assert not ops.window_cpu_kernel("reference", query) and not ops.window_cpu_kernel(None, query.half())
+    monkeypatch.setenv("VKT_CPU_KERNELS", "0")
+    assert not ops.window_cpu_kernel(None, query)
 
 
 # ----------------------------------------------------------------------------------------------

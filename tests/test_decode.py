@@ -23,15 +23,15 @@ def no_grad():
 
 @pytest.fixture
 def steps(monkeypatch):
-    """Counts the calls of ``decode_step``."""
+    """Counts the decoding steps (calls of ``decode_output``)."""
     calls = []
-    step = decode.decode_step
+    step = decode.decode_output
 
     def counted(*args, **kwargs):
         calls.append(1)
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(decode, "decode_step", counted)
+    monkeypatch.setattr(decode, "decode_output", counted)
     return calls
 
 
@@ -177,28 +177,42 @@ def test_blocked_path_with_gradients(steps):
         dict(local_attention_rope=False, normalization="sigmoid"),
     ],
 )
-def test_cpu_kernel_equals_the_eager_step(monkeypatch, variant):
-    """The C++ step (``vkt_hf/ops/cpu_kernels.cpp``) gives the eager step's logits and states, and runs."""
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "hooked"])
+def test_cpu_kernel_equals_the_eager_step(monkeypatch, variant, hooked):
+    """The C++ step (``vkt_hf/ops/cpu_kernels.cpp``) gives the eager step's logits and states, and runs: with the
+    projections inside the call (``decode_layer``), or, when a projection has a hook (an adapter, a probe), the
+    projections as modules and the rest in C++ (``decode_step``)."""
     from vkt_hf.ops import cpu_kernels
 
     assert cpu_kernels.kernel() is not None, "the kernel must build here (a C++ compiler is installed)"
     model = converted(local_window=3, **variant)
+    seen = []
+    if hooked:  # a hook that records (and so must run) on every q projection
+        for layer in model.model.model.layers:
+            layer.self_attn.q_proj.register_forward_hook(lambda module, args, out: seen.append(1))
     ids = torch.randint(0, 101, (3, 24))
     mask = torch.ones(3, 24, dtype=torch.long)
     mask[1, :2] = 0
     bounds = [0, 9, *range(10, 25)]
     calls = []
-    run = cpu_kernels._MODULE.decode_step
+    module = cpu_kernels._MODULE
 
     class Counted:  # the loaded extension's attributes are read-only: count through a stand-in module
-        @staticmethod
-        def decode_step(*args):
-            calls.append(1)
-            return run(*args)
+        def __getattr__(self, name):
+            return getattr(module, name)
 
-    monkeypatch.setattr(cpu_kernels, "_MODULE", Counted)
+        def decode_step(self, *args):
+            calls.append("step")
+            return module.decode_step(*args)
+
+        def decode_layer(self, *args):
+            calls.append("layer")
+            return module.decode_layer(*args)
+
+    monkeypatch.setattr(cpu_kernels, "_MODULE", Counted())
     fast, fast_cache = feed(model, ids, mask, bounds)
-    assert len(calls) >= 10 * 2
+    assert len(calls) >= 10 * 2 and set(calls) == {"step" if hooked else "layer"}
+    assert len(seen) >= (len(calls) if hooked else 0)
     monkeypatch.setenv("VKT_CPU_KERNELS", "0")
     calls.clear()
     slow, slow_cache = feed(model, ids, mask, bounds)

@@ -199,16 +199,20 @@ def test_scores_and_scalar_attention_match_naive(normalization):
 # the Triton kernels in Triton's interpreter: TRITON_INTERPRET must be set before triton is imported
 _TRITON_CHECK = textwrap.dedent(
     """
+    import os
     import torch
     from tests.helpers import TOL
     from tests.test_ops import CASES, check_against_naive
     from vkt_hf.ops import triton as tri
     assert tri.INTERPRET and tri.HAS_TRITON
     # one token; a few tokens and channels; more tokens than a chunk of the kernel (64) and
-    # more channels than one channel block (64)
-    for shape in [(1, 1, 1, 8, 1), (2, 2, 9, 5, 3), (1, 2, 70, 72, 5)]:
-        for case in CASES:
-            check_against_naive(tri, shape, case, dtype=torch.float32, tol=TOL)
+    # more channels than one channel block (64); three chunks. The global sum both ways: one program
+    # per sequence, and sequence-parallel (chunk sums, a scan over them, chunk outputs).
+    for parallel in ("0", "1"):
+        os.environ["VKT_TRITON_SEQUENCE_PARALLEL"] = parallel
+        for shape in [(1, 1, 1, 8, 1), (2, 2, 9, 5, 3), (1, 2, 70, 72, 5), (1, 1, 150, 8, 2)]:
+            for case in CASES:
+                check_against_naive(tri, shape, case, dtype=torch.float32, tol=TOL)
     print("triton-interpreter-ok")
     """
 )

@@ -72,7 +72,7 @@ class VKTState:
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors held (fields that are not ``None``)."""
-        return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
+        return [t for t in (getattr(self, name) for name in STATE_FIELDS) if t is not None]
 
     def map(self, fn) -> VKTState:
         """Apply ``fn`` to every tensor (all have the batch as their first dimension)."""

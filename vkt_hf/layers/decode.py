@@ -1,7 +1,9 @@
 """One-token decoding: a VKT layer's step for one new token per row, written as in-place updates of its state.
 
 A prompt (any number of tokens) runs the blocked reference of :func:`.vkt_attention.mix`. A decoding step --
-one new token per row, a state in the cache, no gradient, every new token real -- runs :func:`decode_step`:
+one new token per row, a state in the cache, no gradient, every new token real -- runs :func:`decode_output`
+(:func:`decode_step`, then ``o_proj``; on CPU, for the layers conversions install, one C++ call with the
+projections):
 the same math for ``N = 1`` (``docs/method.md``), in a few small tensor operations and no reallocation:
 
 * global mean ``K``: the new token's ``K`` *is* the carried mean; then ``total <- gamma * total + w`` and
@@ -169,6 +171,13 @@ _OPTIONS = (
 )
 
 
+def config_value(config: Any, name: str) -> Any:
+    """``getattr(config, name)``, read from the config's ``__dict__`` where it is there: a transformers config's
+    attribute access costs microseconds, and a decoding step reads a layer's options every time."""
+    values = object.__getattribute__(config, "__dict__")
+    return values[name] if name in values else getattr(config, name)
+
+
 class Options:
     """The options a step reads, copied from the config's ``__dict__`` (a transformers config's attribute
     access costs microseconds, and a step reads dozens); read anew every step, so a changed config counts."""
@@ -176,7 +185,7 @@ class Options:
     __slots__ = _OPTIONS
 
     def __init__(self, config: Any):
-        values = config.__dict__
+        values = object.__getattribute__(config, "__dict__")  # past transformers' (slow) __getattribute__
         for name in _OPTIONS:
             setattr(self, name, values[name] if name in values else getattr(config, name))
 
@@ -244,6 +253,60 @@ def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tor
     return _LAST_ROPE[3]
 
 
+def decode_output(
+    layer: VKTAttention,
+    x: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    state: VKTState,
+    position: int,
+    found: Ready,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_step`, then ``o_proj``: the layer's output ``(B, 1, hidden)`` and ``a`` ``(B, H, 1)``.
+
+    Where the C++ step runs and the five projections are plain ``nn.Linear`` modules without hooks (a
+    conversion's layer; not one wrapped by an adapter), the projections run inside the same C++ call
+    (``decode_layer``): one trip from Python per layer and step instead of seven.
+    """
+    config = Options(layer.config)
+    if _kernel_ready(config, found, x):
+        module = cpu_kernels.kernel()
+        weights = None if module is None else _plain_projections(layer)
+        if weights is not None:
+            batch = x.shape[0]
+            out, a = module.decode_layer(
+                x.view(batch, -1),
+                weights,
+                layer.num_heads,
+                layer.num_kv_heads,
+                *_kernel_state(layer, config, x, rotary, state, position),
+            )
+            return out.view(batch, 1, -1), a.view(batch, layer.num_heads, 1)
+    mixed, a = decode_step(layer, x, rotary, state, position, found, config)
+    return layer._output(mixed, x), a
+
+
+def _kernel_ready(config: Options, found: Ready, x: torch.Tensor) -> bool:
+    """Whether the C++ step may run: both rings full, the global slot visible, options the kernel covers."""
+    return found.window_full and found.keys_full and found.far and cpu_kernels.supports(config, x)
+
+
+def _plain_projections(layer: VKTAttention) -> list[torch.Tensor] | None:
+    """Weights and biases of q, k, v, the read-out gates and o (``ABSENT`` for no bias) when all five are plain
+    float32 ``nn.Linear`` modules without hooks; else ``None``."""
+    if _GLOBAL_HOOKS():
+        return None
+    weights, modules = [], layer._modules  # read directly: nn.Module.__getattr__ costs a microsecond a time
+    for name in ("q_proj", "k_proj", "v_proj", "readout_gate", "o_proj"):
+        module = modules[name]
+        if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+            return None
+        weight, bias = module._parameters["weight"], module._parameters["bias"]
+        if weight.dtype != torch.float32:
+            return None
+        weights += [weight, cpu_kernels.ABSENT if bias is None else bias]
+    return weights
+
+
 def decode_step(
     layer: VKTAttention,
     x: torch.Tensor,
@@ -251,6 +314,7 @@ def decode_step(
     state: VKTState,
     position: int,
     found: Ready,
+    config: Options | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's mixing of one new token per row (``x`` ``(B, 1, hidden)``, all real), ``state`` updated in place.
 
@@ -259,8 +323,8 @@ def decode_step(
     ``(B, H, 1)``, as the projections and :func:`.vkt_attention.mix` would. Heads are grouped
     ``(B, Hk, G, ...)`` (``G = H / Hk``): key/value heads broadcast over their group, never repeated.
     """
-    config = Options(layer.config)
-    if found.window_full and found.keys_full and found.far and cpu_kernels.supports(config, x):
+    config = Options(layer.config) if config is None else config
+    if _kernel_ready(config, found, x):
         module = cpu_kernels.kernel()
         if module is not None:  # the same step in one C++ call (vkt_hf/ops/cpu_kernels.cpp)
             return _kernel_step(module, layer, config, x, rotary, state, position)
@@ -295,23 +359,28 @@ def decode_step(
     return mixed.view(batch, heads, 1, dim), a.view(batch, heads, 1)
 
 
-def _kernel_step(module, layer, config, x, rotary, state, position) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_step` through the C++ kernel: the projections here, the rest in one call."""
-    batch, heads, kv_heads, dim = x.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
-    x = x.view(batch, -1)
-    query = linear(layer.q_proj, x).view(batch, heads, dim)
-    keys = linear(layer.k_proj, x).view(batch, kv_heads, dim)
-    values = linear(layer.v_proj, x).view(batch, kv_heads, dim)
-    gates = linear(layer.readout_gate, x)  # (B, 2 H): g_K, g_T
-    cos = sin = cpu_kernels.ABSENT
-    if rotary is not None:  # (B or 1, 1, d) -> (B, d)
-        cos, sin = (t.reshape(t.shape[0], dim).expand(batch, dim).contiguous() for t in rotary)
+_LAST_KERNEL_ROPE = None  # (weakref to the model's cos table, its version, batch, (cos, sin)): one per step
+
+
+def _kernel_rotary(rotary: tuple[torch.Tensor, torch.Tensor], batch: int, dim: int) -> tuple[torch.Tensor, ...]:
+    """The step's RoPE tables ``(B or 1, 1, d)`` as the kernel takes them, contiguous ``(B, d)``; made once per step
+    (every layer of a step gets the same tables from the model's rotary module)."""
+    global _LAST_KERNEL_ROPE
+    cos = rotary[0]
+    last = _LAST_KERNEL_ROPE
+    if last is None or last[0]() is not cos or last[1:3] != (cos._version, batch):
+        tables = tuple(t.reshape(t.shape[0], dim).expand(batch, dim).contiguous() for t in rotary)
+        last = _LAST_KERNEL_ROPE = (weakref.ref(cos), cos._version, batch, tables)
+    return last[3]
+
+
+def _kernel_state(layer, config, x, rotary, state, position) -> list:
+    """The arguments of the C++ step after the projections: RoPE tables, parameters, the state, the options."""
     learned = config.learned_sink
-    mixed, a = module.decode_step(
-        query,
-        keys,
-        values,
-        gates,
+    cos = sin = cpu_kernels.ABSENT
+    if rotary is not None:
+        cos, sin = _kernel_rotary(rotary, x.shape[0], layer.head_dim)
+    return [
         cos,
         sin,
         layer.importance,
@@ -331,6 +400,20 @@ def _kernel_step(module, layer, config, x, rotary, state, position) -> tuple[tor
         float(config.eps),
         cpu_kernels.NORMALIZATION_CODES[config.normalization],
         config.context_weights == "uniform",
+    ]
+
+
+def _kernel_step(module, layer, config, x, rotary, state, position) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_step` through the C++ kernel: the projections here (as modules: hooks and adapters run), the
+    rest in one call."""
+    batch, heads, kv_heads, dim = x.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
+    x = x.view(batch, -1)
+    mixed, a = module.decode_step(
+        linear(layer.q_proj, x).view(batch, heads, dim),
+        linear(layer.k_proj, x).view(batch, kv_heads, dim),
+        linear(layer.v_proj, x).view(batch, kv_heads, dim),
+        linear(layer.readout_gate, x),  # (B, 2 H): g_K, g_T
+        *_kernel_state(layer, config, x, rotary, state, position),
     )
     return mixed.view(batch, heads, 1, dim), a.view(batch, heads, 1)
 

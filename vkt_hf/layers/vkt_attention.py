@@ -374,7 +374,8 @@ def _window_attention(
         visible,
         None,
         slot,
-        custom_backward=ops.window_custom_backward(layer.config.vkt_backend, proj.window_query, keys, values, slot),
+        custom_backward=ops.window_custom_backward(layer.config.vkt_backend, proj.window_query, keys, values, slot)
+        or ops.window_cpu_kernel(layer.config.vkt_backend, proj.window_query),
     )
     new_state.keys, new_state.values, new_state.key_mask = history
     new_state.tokens_seen = mask.sum(-1) + (0 if seen is None else seen)
@@ -540,7 +541,10 @@ class VKTAttention(nn.Module):
         self, attention_mask: Any, position_embeddings: Any, batch: int, length: int, past: int, device
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The RoPE tables of the window: the model's own (``position_embeddings``) or computed here."""
-        if not (self.config.local_attention and self.config.local_attention_rope):
+        if not (
+            decode.config_value(self.config, "local_attention")
+            and decode.config_value(self.config, "local_attention_rope")
+        ):
             return None
         if position_embeddings is not None:
             return position_embeddings
@@ -573,9 +577,10 @@ class VKTAttention(nn.Module):
             ``(output (B, N, hidden), a (B, H, N))``; ``a`` is the tensor the output was computed
             from (float32, or ``accumulation_dtype``).
         """
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
+        hidden = decode.config_value(self.config, "hidden_size")
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden:
             raise ValueError(
-                f"hidden_states must have shape (batch, tokens, {self.config.hidden_size}), got {tuple(hidden_states.shape)}"
+                f"hidden_states must have shape (batch, tokens, {hidden}), got {tuple(hidden_states.shape)}"
             )
         if cache is None:
             cache = kwargs.get("past_key_values")
@@ -603,9 +608,9 @@ class VKTAttention(nn.Module):
             rotary = self._rotary(attention_mask, position_embeddings, batch, 1, past, hidden_states.device)
             threads = decode.one_thread(hidden_states)
             try:
-                mixed, a = decode.decode_step(self, hidden_states, rotary, state, past, found)
+                out, a = decode.decode_output(self, hidden_states, rotary, state, past, found)
                 slot.seen_tokens += 1
-                return self._output(mixed, hidden_states), a
+                return out, a
             finally:
                 decode.restore_threads(threads)
         mask = padding_mask(attention_mask, batch, length, hidden_states.device)

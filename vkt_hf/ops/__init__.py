@@ -11,7 +11,8 @@ forward, backward written out), ``"fused"``, ``"triton"`` or ``"auto"`` (default
 environment variable ``VKT_BACKEND`` overrides ``"auto"`` for a whole process. The layer
 calls the local softmax window (:func:`.functional.sliding_window_attention`) directly; with a
 ``"reference"`` backend (by name or by ``VKT_BACKEND``) it runs as autograd over the reference
-too (:func:`window_custom_backward`).
+too (:func:`window_custom_backward`); otherwise training, and inference on CPU, run it as
+:class:`.autograd.WindowSoftmax`, whose two passes are C++ kernels on CPU (:func:`window_cpu_kernel`).
 
 ``auto`` follows the measurements of ``docs/performance.md``: when a gradient is needed
 (training) -> ``autograd`` on any device (the reverse scans: several times faster than
@@ -60,6 +61,13 @@ def window_custom_backward(backend: str | None, *inputs: torch.Tensor | tuple[to
     hand-written backward: a gradient is needed for ``inputs`` and the backend asked for (the
     layer's ``vkt_backend``, else ``VKT_BACKEND``) is not ``"reference"``."""
     return _chosen(backend) != "reference" and needs_grad(*inputs)
+
+
+def window_cpu_kernel(backend: str | None, query: torch.Tensor) -> bool:
+    """Whether an inference call (no gradient) of the softmax window runs the C++ kernel of
+    :class:`.autograd.WindowSoftmax`: ``query`` is a float32/float64 CPU tensor, the kernels are built
+    (:mod:`.cpu_kernels`) and the backend asked for is not ``"reference"``."""
+    return _chosen(backend) != "reference" and autograd._cpu_kernels(query) is not None
 
 
 def resolve_backend(stream: torch.Tensor, backend: str | None = None, grad: bool | None = None) -> str:

@@ -467,11 +467,41 @@ class _Window:
         return out
 
 
+def _window_kernel_inputs(query, keys, values, allowed, sink_keys, sink_values, visible, logit, value):
+    """The inputs of the C++ softmax window (``cpu_kernels.cpp``) in its layout, or ``None`` where it does not run
+    (not on CPU, not float32/float64, mixed dtypes, kernels not built)."""
+    floats = [t for t in (query, keys, values, sink_keys, sink_values, logit, value) if t is not None]
+    if _cpu_kernels(query) is None or any(t.dtype != query.dtype or t.device != query.device for t in floats):
+        return None
+    batch, _, _, blocks, n, _ = query.shape
+    absent = cpu_kernels.ABSENT
+    return [
+        query.contiguous(),
+        keys.contiguous(),
+        values.contiguous(),
+        allowed.expand(batch, 1, 1, blocks, n, 2 * n).reshape(batch, blocks, n, 2 * n).contiguous(),
+        absent if sink_keys is None else sink_keys.contiguous(),
+        absent if sink_values is None else sink_values.contiguous(),
+        absent if visible is None else visible.reshape(batch, blocks, n, -1).contiguous(),  # (B, 1, b, 1, n, s)
+        absent if logit is None else logit.contiguous(),
+        absent if value is None else value.contiguous(),
+    ]
+
+
 class WindowSoftmax(torch.autograd.Function):
-    """:func:`window_softmax` with a flash-style backward (probabilities recomputed, not stored)."""
+    """:func:`window_softmax` with a flash-style backward (probabilities recomputed, not stored). On CPU, in
+    float32/float64 with finite inputs, both passes are C++ kernels (``cpu_kernels.cpp``) when they are built."""
 
     @staticmethod
     def forward(ctx, query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale):
+        ctx.scale = scale
+        inputs = _window_kernel_inputs(query, keys, values, allowed, sink_keys, sink_values, visible, logit, value)
+        result = [] if inputs is None else cpu_kernels.kernel().window_softmax_forward(*inputs, scale)
+        ctx.cpu = bool(result)  # the kernel declines non-finite inputs
+        if ctx.cpu:
+            out, top, norm = result
+            ctx.save_for_backward(*inputs, top, norm, out)
+            return out
         with torch.autocast(query.device.type, enabled=False):
             win = _Window(query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale)
             logits = win.logits()
@@ -479,7 +509,6 @@ class WindowSoftmax(torch.autograd.Function):
             probs = logits.sub_(top).exp_()
             norm = probs.sum(-1, keepdim=True).clamp_(min=torch.finfo(logits.dtype).tiny)
             out = win.output(probs.div_(norm))  # (B, Hk, b, G n, d)
-        ctx.scale = scale
         ctx.save_for_backward(
             query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, top, norm, out
         )
@@ -487,6 +516,25 @@ class WindowSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.cpu:
+            *inputs, top, norm, out = ctx.saved_tensors
+            grads = cpu_kernels.kernel().window_softmax_backward(
+                grad.to(out.dtype).contiguous(), *inputs, ctx.scale, top, norm, out
+            )
+            d_q, d_keys, d_values, d_sink_keys, d_sink_values, d_logit, d_value = grads
+            sink, slot = inputs[4].numel() > 0, inputs[7].numel() > 0
+            return (
+                d_q,
+                d_keys,
+                d_values,
+                None,
+                d_sink_keys if sink else None,
+                d_sink_values if sink else None,
+                None,
+                d_logit if slot else None,
+                d_value if slot else None,
+                None,
+            )
         query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, top, norm, out = ctx.saved_tensors
         with torch.autocast(grad.device.type, enabled=False):
             win = _Window(query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, ctx.scale)

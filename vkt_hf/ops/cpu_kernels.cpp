@@ -184,6 +184,31 @@ std::vector<torch::Tensor> decode_step(
   return {mixed, scalar};
 }
 
+// The whole attention of a decoding step for plain nn.Linear projections: q, k, v and the read-out gates from x
+// (B, hidden), decode_step, then o_proj; returns {out (B, hidden), a (B, H)}. `projections` holds the weights
+// and biases of q, k, v, the gates and o, in that order (an empty bias: none). The products are ATen calls from
+// here: the same kernels as F.linear, without a trip through Python for each.
+std::vector<torch::Tensor> decode_layer(
+    torch::Tensor x, std::vector<torch::Tensor> projections, int64_t heads, int64_t kv_heads, torch::Tensor cos,
+    torch::Tensor sin, torch::Tensor importance, torch::Tensor gamma, torch::Tensor summary_bias,
+    torch::Tensor learned_key, torch::Tensor learned_value, torch::Tensor weighted_sum, torch::Tensor weight_total,
+    torch::Tensor window, torch::Tensor keys, torch::Tensor values, torch::Tensor sink_keys,
+    torch::Tensor sink_values, torch::Tensor tokens_seen, int64_t position, double eps, int64_t normalization,
+    bool uniform_weights) {
+  TORCH_CHECK(projections.size() == 10, "decode_layer: 5 weights and 5 biases");
+  const auto linear = [&](const torch::Tensor& input, int64_t i) {
+    const auto& bias = projections[2 * i + 1];
+    return bias.numel() ? at::linear(input, projections[2 * i], bias) : at::linear(input, projections[2 * i]);
+  };
+  const int64_t batch = x.size(0), dim = importance.size(1);
+  auto result = decode_step(linear(x, 0).view({batch, heads, dim}), linear(x, 1).view({batch, kv_heads, dim}),
+                            linear(x, 2).view({batch, kv_heads, dim}), linear(x, 3), cos, sin, importance, gamma,
+                            summary_bias, learned_key, learned_value, weighted_sum, weight_total, window, keys,
+                            values, sink_keys, sink_values, tokens_seen, position, eps, normalization,
+                            uniform_weights);
+  return {linear(result[0].view({batch, heads * dim}), 4), result[1]};
+}
+
 // ------------------------------------------------------------------------------------------------
 // The causal decayed mean of vkt_hf/ops/autograd.py (`DecayedMean`), forward and backward, as one sequential
 // sweep per (batch, head) row: y_t = exp(ld_t) y_{t-1} + [w_t v_t, w_t] (y_{-1} = initial), token t gets
@@ -333,8 +358,407 @@ std::vector<torch::Tensor> decayed_mean_backward(torch::Tensor grad_mean, torch:
   return {d_vectors, d_weights, d_log_decay, d_initial, d_fallback};
 }
 
+// ------------------------------------------------------------------------------------------------
+// The softmax window of vkt_hf/ops/autograd.py (`WindowSoftmax`, training), forward and backward, one query
+// row at a time: logits over [sink, window, read-out slot], softmax, weighted values; the backward recomputes
+// the probabilities from the saved row maximum and normaliser, dS = P (dP - rowsum(dO O)) (as the PyTorch
+// Function). The PyTorch version multiplies (G n) x 2n blocks of which half the keys are masked and passes
+// over (tokens x slots) tensors a dozen times; here each query reads only its n keys, in cache.
+//
+// Layouts (contiguous, float32 or float64): q (B, Hk, G, b, n, d) the query blocks; keys, values
+// (B, Hk, b + 1, n, d) the key blocks (block 0 the history; query block i sees key blocks i and i + 1, "the
+// pair"); allowed (B, b, n, 2n) bool, the keys of its pair each query sees, which must lie in the band
+// [o + 1, o + n] for query offset o (sliding_window_attention builds it so); sink_keys, sink_values
+// (B, Hk, s, d) and visible (B, b, n, s) bool, or empty (no sink); logit (B, Hk, G, b, n) and value
+// (B, Hk, G, b, n, d), the read-out slot, or empty. The forward returns nothing when an input is not finite
+// (a logit may be +-inf): the caller then runs the PyTorch Function, whose NaN rules this does not repeat.
+
+namespace {
+
+template <typename T>
+inline T fast_exp(T x) {
+  return std::exp(x);
+}
+
+// exp for x <= 0 (a logit minus its row maximum), vectorizable: 2^k p(r), r = x - k ln 2 in [-ln2/2, ln2/2],
+// p the degree-6 Taylor polynomial (relative error < 2e-7); below -87 (exp < 2^-125) it returns 0. Built with
+// -fno-trapping-math, without which the selects below are branches and the loop is not vectorized.
+template <>
+inline float fast_exp<float>(float x) {
+  const float y = x < -87.0f ? -87.0f : x;
+  const float k = std::nearbyint(y * 1.44269504088896341f);
+  const float r = (y - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+  const float p =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);  // 2^k
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+template <typename T>
+bool finite(const torch::Tensor& t, bool allow_inf = false) {
+  if (t.numel() == 0) return true;  // absent
+  const T* x = t.data_ptr<T>();
+  const int64_t size = t.numel();
+  if (allow_inf) {
+    for (int64_t i = 0; i < size; ++i)
+      if (std::isnan(x[i])) return false;
+    return true;
+  }
+  T acc = 0;  // x * 0 is 0 for a finite x and NaN otherwise
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < size; ++i) acc += x[i] * T(0);
+  return acc == 0;
+}
+
+// Register-tiled products (a tile of accumulators stays in registers; a loop over memory would wait on its own
+// stores): out[u] = sum_k x[k] columns[k stride + u] for u in [first, last) ...
+template <typename T>
+void columns_product(const T* x, const T* columns, int64_t stride, int64_t dim, int64_t first, int64_t last, T* out) {
+  constexpr int64_t kTile = 256 / sizeof(T);  // 64 floats: 8 AVX2 registers
+  int64_t u = first;
+  for (; u + kTile <= last; u += kTile) {
+    T acc[kTile] = {};
+    for (int64_t k = 0; k < dim; ++k) {
+      const T xk = x[k];
+      const T* c = columns + k * stride + u;
+#pragma omp simd
+      for (int64_t i = 0; i < kTile; ++i) acc[i] += xk * c[i];
+    }
+    for (int64_t i = 0; i < kTile; ++i) out[u + i] = acc[i];
+  }
+  for (; u < last; ++u) {
+    T acc = 0;
+    for (int64_t k = 0; k < dim; ++k) acc += x[k] * columns[k * stride + u];
+    out[u] = acc;
+  }
+}
+
+// ... and out[k] (+)= sum_{u in [first, last)} w[u w_stride] rows[u row_stride + k] for k in [0, dim)
+template <typename T>
+void rows_product(const T* w, int64_t w_stride, const T* rows, int64_t row_stride, int64_t dim, int64_t first,
+                  int64_t last, T* out, bool accumulate) {
+  constexpr int64_t kTile = 256 / sizeof(T);
+  int64_t k = 0;
+  for (; k + kTile <= dim; k += kTile) {
+    T acc[kTile];
+    for (int64_t i = 0; i < kTile; ++i) acc[i] = accumulate ? out[k + i] : T(0);
+    for (int64_t u = first; u < last; ++u) {
+      const T wu = w[u * w_stride];
+      const T* r = rows + u * row_stride + k;
+#pragma omp simd
+      for (int64_t i = 0; i < kTile; ++i) acc[i] += wu * r[i];
+    }
+    for (int64_t i = 0; i < kTile; ++i) out[k + i] = acc[i];
+  }
+  for (; k < dim; ++k) {
+    T acc = accumulate ? out[k] : T(0);
+    for (int64_t u = first; u < last; ++u) acc += w[u * w_stride] * rows[u * row_stride + k];
+    out[k] = acc;
+  }
+}
+
+template <typename T>
+struct Window {
+  const T *q, *keys, *values, *sink_keys, *sink_values, *logit, *value;
+  const bool *allowed, *visible;
+  int64_t kv_heads, group, blocks, n, dim, sinks;
+  T scale;
+
+  // the (pair) key block `block` of key head `hk` of row `b`: 2n rows of d
+  int64_t pair(int64_t b, int64_t hk, int64_t block) const { return ((b * kv_heads + hk) * (blocks + 1) + block) * n; }
+  // the query row (b, hk, g, block, o)
+  int64_t row(int64_t b, int64_t hk, int64_t g, int64_t block, int64_t o) const {
+    return (((b * kv_heads + hk) * group + g) * blocks + block) * n + o;
+  }
+
+  // the transposed keys (or values) of a pair, (d, 2n)
+  void transpose(const T* rows, T* out) const {
+    for (int64_t u = 0; u < 2 * n; ++u)
+      for (int64_t k = 0; k < dim; ++k) out[k * 2 * n + u] = rows[u * dim + k];
+  }
+
+  // The logits of query row (b, g, block, o) of key head hk into `sink` (s) and `band` (2n, only [o + 1, o + n]
+  // written), the slot's into `slot`; returns the row maximum (clamped to finite as torch's amax + clamp).
+  T logits(int64_t b, int64_t hk, int64_t block, int64_t o, const T* query, const T* kt, const T* slot_logit,
+           T* sink, T* band, T* slot) const {
+    constexpr T kBig = std::numeric_limits<T>::max();
+    T top = -std::numeric_limits<T>::infinity();
+    const int64_t first = o + 1, last = o + n + 1, wide = 2 * n;
+    // read as bytes: the vectorizer has no vector type for bool
+    const uint8_t* ok = reinterpret_cast<const uint8_t*>(allowed + ((b * blocks + block) * n + o) * wide);
+    columns_product(query, kt, wide, dim, first, last, band);
+#pragma omp simd
+    for (int64_t u = first; u < last; ++u) {
+      const T l = band[u] * scale;
+      band[u] = ok[u] != 0 ? (l < kBig ? l : kBig) : -std::numeric_limits<T>::infinity();
+    }
+#pragma omp simd reduction(max : top)
+    for (int64_t u = first; u < last; ++u) top = top > band[u] ? top : band[u];
+    const T* sk = sinks ? sink_keys + (b * kv_heads + hk) * sinks * dim : nullptr;
+    const bool* seen = sinks ? visible + ((b * blocks + block) * n + o) * sinks : nullptr;
+    for (int64_t j = 0; j < sinks; ++j) {
+      T d = 0;
+#pragma omp simd reduction(+ : d)
+      for (int64_t k = 0; k < dim; ++k) d += query[k] * sk[j * dim + k];
+      sink[j] = seen[j] ? std::min(d * scale, kBig) : -std::numeric_limits<T>::infinity();
+      top = std::max(top, sink[j]);
+    }
+    if (slot_logit) {
+      *slot = std::min(*slot_logit, kBig);
+      top = std::max(top, *slot);
+    }
+    return std::max(top, std::numeric_limits<T>::lowest());
+  }
+
+  // exp(l - top) / norm in place; with norm <= 0, sets it to the sum (clamped to the smallest normal)
+  void probabilities(int64_t o, T top, T& norm, T* sink, T* band, T* slot, bool has_slot) const {
+    const int64_t first = o + 1, last = o + n + 1;
+    const bool fresh = norm <= 0;
+#pragma omp simd
+    for (int64_t u = first; u < last; ++u) band[u] = fast_exp<T>(band[u] - top);
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t u = first; u < last; ++u) total += band[u];
+    for (int64_t j = 0; j < sinks; ++j) total += (sink[j] = fast_exp<T>(sink[j] - top));
+    if (has_slot) total += (*slot = fast_exp<T>(*slot - top));
+    if (fresh) norm = std::max(total, std::numeric_limits<T>::min());
+    const T inverse = T(1) / norm;
+#pragma omp simd
+    for (int64_t u = first; u < last; ++u) band[u] *= inverse;
+    for (int64_t j = 0; j < sinks; ++j) sink[j] *= inverse;
+    if (has_slot) *slot *= inverse;
+  }
+};
+
+template <typename T>
+Window<T> window_of(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+                    const torch::Tensor& allowed, const torch::Tensor& sink_keys, const torch::Tensor& sink_values,
+                    const torch::Tensor& visible, const torch::Tensor& logit, const torch::Tensor& value,
+                    double scale) {
+  const bool sink = sink_keys.numel() > 0, slot = logit.numel() > 0;
+  return Window<T>{q.data_ptr<T>(),
+                   keys.data_ptr<T>(),
+                   values.data_ptr<T>(),
+                   sink ? sink_keys.data_ptr<T>() : nullptr,
+                   sink ? sink_values.data_ptr<T>() : nullptr,
+                   slot ? logit.data_ptr<T>() : nullptr,
+                   slot ? value.data_ptr<T>() : nullptr,
+                   allowed.data_ptr<bool>(),
+                   sink ? visible.data_ptr<bool>() : nullptr,
+                   q.size(1),
+                   q.size(2),
+                   q.size(3),
+                   q.size(4),
+                   q.size(5),
+                   sink ? sink_keys.size(2) : 0,
+                   static_cast<T>(scale)};
+}
+
+void check_window(const std::vector<torch::Tensor>& tensors, const torch::Tensor& allowed,
+                  const torch::Tensor& visible) {
+  const auto type = tensors[0].scalar_type();
+  for (const auto& t : tensors)
+    TORCH_CHECK(t.numel() == 0 || (t.is_contiguous() && t.scalar_type() == type && t.device().is_cpu()),
+                "vkt window kernel: every tensor must be a contiguous CPU tensor of the query's dtype");
+  TORCH_CHECK(allowed.is_contiguous() && allowed.scalar_type() == torch::kBool, "allowed: contiguous bool");
+  TORCH_CHECK(visible.numel() == 0 || (visible.is_contiguous() && visible.scalar_type() == torch::kBool),
+              "visible: contiguous bool");
+}
+
+template <typename T>
+bool window_forward(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+                    const torch::Tensor& allowed, const torch::Tensor& sink_keys, const torch::Tensor& sink_values,
+                    const torch::Tensor& visible, const torch::Tensor& logit, const torch::Tensor& value, double scale,
+                    torch::Tensor& out, torch::Tensor& top, torch::Tensor& norm) {
+  for (const auto& t : {q, keys, values, sink_keys, sink_values, value})
+    if (!finite<T>(t)) return false;
+  if (!finite<T>(logit, /*allow_inf=*/true)) return false;
+  const Window<T> w = window_of<T>(q, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale);
+  const int64_t batch = q.size(0), kv_heads = w.kv_heads, group = w.group, blocks = w.blocks, n = w.n, dim = w.dim;
+  T *O = out.data_ptr<T>(), *M = top.data_ptr<T>(), *Z = norm.data_ptr<T>();
+  at::parallel_for(0, batch * kv_heads * blocks, 1, [&](int64_t first, int64_t end) {
+    std::vector<T> kt(dim * 2 * n), band(2 * n), sink(w.sinks + 1);
+    T slot = 0;
+    for (int64_t task = first; task < end; ++task) {
+      const int64_t block = task % blocks, hk = (task / blocks) % kv_heads, b = task / (blocks * kv_heads);
+      const T* pair_keys = w.keys + w.pair(b, hk, block) * dim;
+      const T* pair_values = w.values + w.pair(b, hk, block) * dim;
+      const T* sv = w.sinks ? w.sink_values + (b * kv_heads + hk) * w.sinks * dim : nullptr;
+      w.transpose(pair_keys, kt.data());
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t o = 0; o < n; ++o) {
+          const int64_t r = w.row(b, hk, g, block, o);
+          const T* query = w.q + r * dim;
+          const T m = w.logits(b, hk, block, o, query, kt.data(), w.logit ? w.logit + r : nullptr, sink.data(),
+                               band.data(), &slot);
+          T z = 0;
+          w.probabilities(o, m, z, sink.data(), band.data(), &slot, w.logit != nullptr);
+          M[r] = m;
+          Z[r] = z;
+          T* o_row = O + r * dim;
+          rows_product(band.data(), 1, pair_values, dim, dim, o + 1, o + n + 1, o_row, /*accumulate=*/false);
+          for (int64_t j = 0; j < w.sinks; ++j) {
+#pragma omp simd
+            for (int64_t k = 0; k < dim; ++k) o_row[k] += sink[j] * sv[j * dim + k];
+          }
+          if (w.logit) {
+            const T* v = w.value + r * dim;
+#pragma omp simd
+            for (int64_t k = 0; k < dim; ++k) o_row[k] += slot * v[k];
+          }
+        }
+    }
+  });
+  return true;
+}
+
+template <typename T>
+void window_backward(const torch::Tensor& grad, const torch::Tensor& q, const torch::Tensor& keys,
+                     const torch::Tensor& values, const torch::Tensor& allowed, const torch::Tensor& sink_keys,
+                     const torch::Tensor& sink_values, const torch::Tensor& visible, const torch::Tensor& logit,
+                     const torch::Tensor& value, double scale, const torch::Tensor& top, const torch::Tensor& norm,
+                     const torch::Tensor& out, torch::Tensor& d_q, torch::Tensor& d_keys, torch::Tensor& d_values,
+                     torch::Tensor& d_sink_keys, torch::Tensor& d_sink_values, torch::Tensor& d_logit,
+                     torch::Tensor& d_value) {
+  const int64_t batch = q.size(0), kv_heads = q.size(1), group = q.size(2), blocks = q.size(3), n = q.size(4);
+  const int64_t dim = q.size(5);
+  const bool has_slot = logit.numel() > 0;
+  const Window<T> w = window_of<T>(q, keys, values, allowed, sink_keys, sink_values, visible, logit,
+                                                 value, scale);
+  const T *dO = grad.data_ptr<T>(), *O = out.data_ptr<T>();
+  const T *M = top.data_ptr<T>(), *Z = norm.data_ptr<T>();
+  T *dQ = d_q.data_ptr<T>(), *dK = d_keys.data_ptr<T>(), *dV = d_values.data_ptr<T>();
+  T *dSK = d_sink_keys.data_ptr<T>(), *dSV = d_sink_values.data_ptr<T>();
+  T *dL = has_slot ? d_logit.data_ptr<T>() : nullptr;
+  T *dVal = has_slot ? d_value.data_ptr<T>() : nullptr;
+  const int64_t halves = (blocks + 1) / 2;
+  for (int64_t parity = 0; parity < 2; ++parity) {
+    at::parallel_for(0, batch * kv_heads * halves, 1, [&](int64_t first, int64_t end) {
+      // per task: the probabilities and dS of the block's rows over their bands, (G n, 2n), for dK and dV at the end
+      std::vector<T> kt(dim * 2 * n), vt(dim * 2 * n), probs(group * n * 2 * n), d_logits(group * n * 2 * n);
+      std::vector<T> sink(w.sinks + 1);
+      T slot = 0;
+      for (int64_t task = first; task < end; ++task) {
+        const int64_t block = 2 * (task % halves) + parity;
+        if (block >= blocks) continue;
+        const int64_t hk = (task / halves) % kv_heads, b = task / (halves * kv_heads), wide = 2 * n;
+        const int64_t base = w.pair(b, hk, block) * dim;
+        const T *pair_keys = w.keys + base, *pair_values = w.values + base;
+        const int64_t sink_base = (b * kv_heads + hk) * w.sinks * dim;
+        const T* sk = w.sinks ? w.sink_keys + sink_base : nullptr;
+        const T* sv = w.sinks ? w.sink_values + sink_base : nullptr;
+        T* dsk = dSK + ((b * kv_heads + hk) * blocks + block) * w.sinks * dim;
+        T* dsv = dSV + ((b * kv_heads + hk) * blocks + block) * w.sinks * dim;
+        w.transpose(pair_keys, kt.data());
+        w.transpose(pair_values, vt.data());
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t o = 0; o < n; ++o) {
+            const int64_t r = w.row(b, hk, g, block, o), lo = o + 1, hi = o + n + 1;
+            const T *query = w.q + r * dim, *d_out = dO + r * dim, *o_row = O + r * dim;
+            T *band = probs.data() + (g * n + o) * wide, *d_band = d_logits.data() + (g * n + o) * wide;
+            w.logits(b, hk, block, o, query, kt.data(), w.logit ? w.logit + r : nullptr, sink.data(), band, &slot);
+            T z = Z[r];
+            w.probabilities(o, M[r], z, sink.data(), band, &slot, w.logit != nullptr);
+            T delta = 0;
+#pragma omp simd reduction(+ : delta)
+            for (int64_t k = 0; k < dim; ++k) delta += d_out[k] * o_row[k];
+            // dP over the band, then dS = P (dP - delta)
+            columns_product(d_out, vt.data(), wide, dim, lo, hi, d_band);
+#pragma omp simd
+            for (int64_t u = lo; u < hi; ++u) d_band[u] = band[u] * (d_band[u] - delta) * w.scale;
+            T* dq = dQ + r * dim;
+            rows_product(d_band, 1, pair_keys, dim, dim, lo, hi, dq, /*accumulate=*/false);
+            for (int64_t j = 0; j < w.sinks; ++j) {
+              T dp = 0;
+#pragma omp simd reduction(+ : dp)
+              for (int64_t k = 0; k < dim; ++k) dp += d_out[k] * sv[j * dim + k];
+              const T ds = sink[j] * (dp - delta) * w.scale, p = sink[j];
+#pragma omp simd
+              for (int64_t k = 0; k < dim; ++k) {
+                dq[k] += ds * sk[j * dim + k];
+                dsk[j * dim + k] += ds * query[k];
+                dsv[j * dim + k] += p * d_out[k];
+              }
+            }
+            if (w.logit) {
+              const T* v = w.value + r * dim;
+              T along = 0;
+#pragma omp simd reduction(+ : along)
+              for (int64_t k = 0; k < dim; ++k) along += d_out[k] * v[k];
+              dL[r] = slot * (along - delta);
+#pragma omp simd
+              for (int64_t k = 0; k < dim; ++k) dVal[r * dim + k] = slot * d_out[k];
+            }
+          }
+        // dK_u += sum over the rows o whose band holds u (o in [u - n, u - 1]) of dS_ou q_o; dV_u alike with P, dO
+        for (int64_t u = 0; u < wide; ++u) {
+          const int64_t o_first = std::max<int64_t>(0, u - n), o_last = std::min<int64_t>(n, u);
+          for (int64_t g = 0; g < group && o_first < o_last; ++g) {
+            const int64_t r0 = w.row(b, hk, g, block, 0), at = g * n * wide + u;
+            rows_product(d_logits.data() + at, wide, w.q + r0 * dim, dim, dim, o_first, o_last, dK + base + u * dim,
+                         /*accumulate=*/true);
+            rows_product(probs.data() + at, wide, dO + r0 * dim, dim, dim, o_first, o_last, dV + base + u * dim,
+                         /*accumulate=*/true);
+          }
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> window_softmax_forward(torch::Tensor q, torch::Tensor keys, torch::Tensor values,
+                                                  torch::Tensor allowed, torch::Tensor sink_keys,
+                                                  torch::Tensor sink_values, torch::Tensor visible,
+                                                  torch::Tensor logit, torch::Tensor value, double scale) {
+  check_window({q, keys, values, sink_keys, sink_values, logit, value}, allowed, visible);
+  const int64_t batch = q.size(0), kv_heads = q.size(1), group = q.size(2), blocks = q.size(3), n = q.size(4);
+  auto out = torch::empty_like(q);
+  auto top = torch::empty({batch, kv_heads, group, blocks, n}, q.options());
+  auto norm = torch::empty_like(top);
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "window_softmax_forward", [&] {
+    ok = window_forward<scalar_t>(q, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale, out,
+                                  top, norm);
+  });
+  if (!ok) return {};
+  return {out, top, norm};
+}
+
+// Backward, per query row: the probabilities P recomputed, delta = dO . O, dS = P (dO . V - delta); dq = s dS K,
+// dK += s dS q, dV += P dO (sink alike), d logit = P_slot (dO . value - delta), d value = P_slot dO. Query
+// blocks i and i + 1 share key block i + 1: the even blocks run in parallel, then the odd ones.
+std::vector<torch::Tensor> window_softmax_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor keys,
+                                                   torch::Tensor values, torch::Tensor allowed,
+                                                   torch::Tensor sink_keys, torch::Tensor sink_values,
+                                                   torch::Tensor visible, torch::Tensor logit, torch::Tensor value,
+                                                   double scale, torch::Tensor top, torch::Tensor norm,
+                                                   torch::Tensor out) {
+  check_window({q, grad, keys, values, sink_keys, sink_values, logit, value, top, norm, out}, allowed, visible);
+  const int64_t batch = q.size(0), kv_heads = q.size(1), blocks = q.size(3), dim = q.size(5);
+  const bool has_sink = sink_keys.numel() > 0, has_slot = logit.numel() > 0;
+  auto d_q = torch::empty_like(q);
+  auto d_keys = torch::zeros_like(keys);
+  auto d_values = torch::zeros_like(values);
+  const int64_t sinks = has_sink ? sink_keys.size(2) : 0;
+  // the sink's gradients per query block, summed over the blocks at the end
+  auto d_sink_keys = torch::zeros({batch, kv_heads, blocks, sinks, dim}, q.options());
+  auto d_sink_values = torch::zeros_like(d_sink_keys);
+  auto d_logit = has_slot ? torch::empty_like(logit) : torch::empty({0}, q.options());
+  auto d_value = has_slot ? torch::empty_like(value) : torch::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "window_softmax_backward", [&] {
+    window_backward<scalar_t>(grad, q, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale, top,
+                              norm, out, d_q, d_keys, d_values, d_sink_keys, d_sink_values, d_logit, d_value);
+  });
+  return {d_q, d_keys, d_values, d_sink_keys.sum(2), d_sink_values.sum(2), d_logit, d_value};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "one-token VKT decoding step (CPU)");
+  m.def("decode_layer", &decode_layer, "one-token VKT decoding step with the projections (CPU)");
   m.def("decayed_mean_forward", &decayed_mean_forward, "causal decayed weighted mean, forward (CPU)");
   m.def("decayed_mean_backward", &decayed_mean_backward, "causal decayed weighted mean, backward (CPU)");
+  m.def("window_softmax_forward", &window_softmax_forward, "softmax window with sink and slot, forward (CPU)");
+  m.def("window_softmax_backward", &window_softmax_backward, "softmax window with sink and slot, backward (CPU)");
 }

@@ -1,4 +1,4 @@
-"""C++ kernels for CPU (``cpu_kernels.cpp``), built on first use: the one-token decoding step and the decayed mean.
+"""C++ kernels for CPU (``cpu_kernels.cpp``), built on first use: the decoding step, the decayed mean, the softmax window.
 
 * ``decode_step``: a decoding step of a converted layer is a few thousand multiply-adds per head, which the eager
   step (:func:`vkt_hf.layers.decode.decode_step`) spends ~100 tensor operations on: their dispatch, not their
@@ -6,6 +6,15 @@
 * ``decayed_mean_forward`` / ``decayed_mean_backward``: the causal global mean of
   :class:`vkt_hf.ops.autograd.DecayedMean` (training) as one sequential sweep per row, forward and back, instead
   of the chunked scan's ~20 passes over ``(N, D + 1)`` tensors.
+* ``window_softmax_forward`` / ``window_softmax_backward``: :class:`vkt_hf.ops.autograd.WindowSoftmax` (the local
+  softmax window with its sink and read-out slot; training, and inference on CPU) one query row at a time over
+  its own ``n`` keys, with register-tiled products, instead of ``(G n) x 2n`` block products half of whose keys
+  are masked and a dozen passes over ``(tokens x slots)`` tensors. They decline non-finite inputs (the PyTorch
+  Function then runs, with the reference's NaN rules).
+
+The build uses ``-march=native`` (so the module is named after this CPU as well as the torch version),
+``-fno-trapping-math`` (without it the selects of the vectorized ``exp`` are branches and the loops stay scalar)
+and ``-fopenmp`` (``at::parallel_for`` is inline OpenMP: without it every kernel ran on one thread).
 
 They are compiled with :func:`torch.utils.cpp_extension.load` the first time a process needs one (about a minute,
 once per machine: the build is cached in ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); the
@@ -15,7 +24,9 @@ layer or state the kernel does not cover (:func:`supports`).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,6 +51,17 @@ def enabled() -> bool:
     return os.environ.get("VKT_CPU_KERNELS", "1") != "0"
 
 
+def _cpu_signature() -> str:
+    """A short hash of this CPU's model and instruction-set flags (``/proc/cpuinfo``; the platform elsewhere)."""
+    described = platform.machine() + platform.processor()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        described += "".join(line for line in lines if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        pass
+    return hashlib.sha1(described.encode()).hexdigest()[:10]
+
+
 def kernel() -> Any | None:
     """The compiled module (built and cached on first call), or ``None`` if it is disabled or cannot be built."""
     global _MODULE, _FAILED
@@ -49,10 +71,13 @@ def kernel() -> Any | None:
 
     logger.info("loading the VKT CPU kernels (built on first use: about a minute, once per machine)")
     try:
-        # one build per torch version (the build directory is named after the extension): a module built
-        # against another torch is never loaded
-        name = "vkt_hf_cpu_kernels_" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
-        _MODULE = load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+        # one build per torch version and CPU (the build directory is named after the extension): a module
+        # built against another torch, or for another machine's instruction set (-march=native), is never loaded
+        version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
+        name = f"vkt_hf_cpu_kernels_{version}_{_cpu_signature()}"
+        # -fopenmp: at::parallel_for is inline OpenMP, serial without it (libgomp resolves to the one torch loaded)
+        flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-march=native"]
+        _MODULE = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no headers: the PyTorch code runs
         _FAILED = True
         warnings.warn(

@@ -588,9 +588,9 @@ def sliding_window_attention(
         summary: ``(logit (B, H, N), value (B, H, N, d))``: one more slot per query in the same
             softmax (the VKT global read-out, see ``docs/method.md``); a ``-inf`` logit hides it.
         custom_backward: run the softmax through :func:`.autograd.window_softmax`, whose backward
-            is written out (recomputed probabilities, no autograd graph over the blocks); ``False``
-            is autograd over the reference (the layer decides with
-            :func:`vkt_hf.ops.window_custom_backward`).
+            is written out (recomputed probabilities, no autograd graph over the blocks) and whose two
+            passes are C++ kernels on CPU; ``False`` is autograd over the reference (the layer decides
+            with :func:`vkt_hf.ops.window_custom_backward` and :func:`vkt_hf.ops.window_cpu_kernel`).
 
     Returns:
         ``(B, H, N, d)`` (a query with no visible key gets zeros) and the new history: the last
@@ -637,9 +637,7 @@ def sliding_window_attention(
         logit = F.pad(summary[0], (0, pad), value=float("-inf")).view(batch, kv_heads, group, blocks - 1, window)
         value = F.pad(summary[1], (0, 0, 0, pad)).view(batch, kv_heads, group, blocks - 1, window, dim)
         summary = (logit.to(q.dtype), value.to(q.dtype))
-    core = _window_core
-    if custom_backward and torch.is_grad_enabled():
-        core = autograd.window_softmax
+    core = autograd.window_softmax if custom_backward else _window_core
     out = core(q, kb, vb, allowed, sink, summary, scale)  # (B, Hk, G, b', n, d)
     return out.reshape(batch, heads, (blocks - 1) * window, dim)[:, :, :length], new_history
 

@@ -12,6 +12,11 @@ Same signatures and results as :func:`vkt_hf.ops.functional.global_context` /
   carried state;
   the weight total rides along as a scalar column; ``K = sum / total`` is written directly.
   Padding is handled (its decay is 0 and its weight 0).
+* ``_chunk_sums_kernel`` / ``_chunk_states_kernel`` / ``_chunk_outputs_kernel``: the same sums
+  sequence-parallel, in the style of fla's chunked kernels and Mamba2's SSD: each chunk's own decayed
+  sums and total decay (all chunks at once), a scan over the chunk summaries (the state entering each
+  chunk, ``N / C`` vector steps), then each chunk's outputs from its entering state (all at once); the
+  default (``sequence_parallel``).
 * ``_local_kernel``: one program per (sequence x head, block of tokens, block of channels) adds
   the ``n`` previous rows (from the chunk or from the carried history): exact sums of ``n``
   terms, then divides by the count (or writes the null vector).
@@ -87,6 +92,92 @@ if HAS_TRITON:
         tl.store(OUTS + bh * D + offs_d, state, mask=dmask)
         tl.store(OUTW + bh + db * 0, state_w, mask=db == 0)
 
+    # The same sums, sequence-parallel (the chunked scan of fla / Mamba2-SSD): (1) every chunk's own decayed sums
+    # and total decay, all chunks at once; (2) a scan over the chunks' summaries: the state entering each chunk;
+    # (3) every chunk's outputs from its state, all chunks at once. (1) and (3) are the work, on B*H*chunks
+    # programs instead of B*H; (2) is N / C vector steps.
+    @triton.jit
+    def _chunk_sums_kernel(
+        S, W, M, LD, SUMS, SUMW, LAST,
+        N, H, D, CHUNKS,
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        c = tl.program_id(1)
+        db = tl.program_id(2)
+        b = bh // H
+        h = bh % H
+        offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        offs_c = tl.arange(0, BLOCK_C)
+        t = c * BLOCK_C + offs_c
+        tmask = t < N
+        ld = tl.load(LD + h)
+        m = tl.load(M + b * N + t, mask=tmask, other=0.0)
+        w = tl.load(W + bh * N + t, mask=tmask, other=0.0)
+        x = tl.load(S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+        x = x.to(tl.float32) * w[:, None]  # (C, BD)
+        cl = tl.cumsum(ld * m, 0)
+        last = tl.sum(tl.where(offs_c == BLOCK_C - 1, cl, 0.0), 0)
+        tail = tl.exp(last - cl)  # decay from each row to the chunk's end
+        tl.store(SUMS + (bh * CHUNKS + c) * D + offs_d, tl.sum(tail[:, None] * x, 0), mask=dmask)
+        tl.store(SUMW + bh * CHUNKS + c + db * 0, tl.sum(tail * w, 0), mask=db == 0)
+        tl.store(LAST + bh * CHUNKS + c + db * 0, last, mask=db == 0)
+
+    @triton.jit
+    def _chunk_states_kernel(
+        SUMS, SUMW, LAST, INIT, INITW, STATES, STATESW, OUTS, OUTW,
+        D, CHUNKS,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        db = tl.program_id(1)
+        offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        state = tl.load(INIT + bh * D + offs_d, mask=dmask, other=0.0)
+        state_w = tl.load(INITW + bh)
+        for c in range(0, CHUNKS):
+            tl.store(STATES + (bh * CHUNKS + c) * D + offs_d, state, mask=dmask)
+            tl.store(STATESW + bh * CHUNKS + c + db * 0, state_w, mask=db == 0)
+            decay = tl.exp(tl.load(LAST + bh * CHUNKS + c))
+            state = decay * state + tl.load(SUMS + (bh * CHUNKS + c) * D + offs_d, mask=dmask, other=0.0)
+            state_w = decay * state_w + tl.load(SUMW + bh * CHUNKS + c)
+        tl.store(OUTS + bh * D + offs_d, state, mask=dmask)
+        tl.store(OUTW + bh + db * 0, state_w, mask=db == 0)
+
+    @triton.jit
+    def _chunk_outputs_kernel(
+        S, W, M, LD, STATES, STATESW, MEAN0, OUT,
+        N, H, D, CHUNKS,
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        c = tl.program_id(1)
+        db = tl.program_id(2)
+        b = bh // H
+        h = bh % H
+        offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        offs_c = tl.arange(0, BLOCK_C)
+        t = c * BLOCK_C + offs_c
+        tmask = t < N
+        ld = tl.load(LD + h)
+        state = tl.load(STATES + (bh * CHUNKS + c) * D + offs_d, mask=dmask, other=0.0)
+        state_w = tl.load(STATESW + bh * CHUNKS + c)
+        mean0 = tl.load(MEAN0 + bh * D + offs_d, mask=dmask, other=0.0)
+        m = tl.load(M + b * N + t, mask=tmask, other=0.0)
+        w = tl.load(W + bh * N + t, mask=tmask, other=0.0)
+        x = tl.load(S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+        x = x.to(tl.float32) * w[:, None]
+        cl = tl.cumsum(ld * m, 0)
+        lower = offs_c[:, None] > offs_c[None, :]
+        decay = tl.where(lower, tl.exp(tl.minimum(cl[:, None] - cl[None, :], 0.0)), 0.0)
+        carry = tl.exp(cl)
+        num = tl.dot(decay, x, input_precision="ieee") + carry[:, None] * state[None, :]
+        den = tl.sum(decay * w[None, :], 1) + carry * state_w
+        out = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], mean0[None, :])
+        tl.store(OUT + (bh * N + t)[:, None] * D + offs_d[None, :], out, mask=tmask[:, None] & dmask[None, :])
+
     @triton.jit
     def _local_kernel(
         S, M, HIST, HMASK, NULL, OUT,
@@ -152,11 +243,16 @@ def global_context(
     causal: bool = True,
     state: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_size: int = 64,
+    sequence_parallel: bool | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Triton :func:`vkt_hf.ops.functional.global_context` (forward only, see the module docstring).
 
     Bidirectional mixers, float64 inputs (the kernels accumulate in float32) and tensors the
     kernels cannot run on (CPU without the interpreter) go to :mod:`.fused`.
+
+    ``sequence_parallel``: the three-kernel chunked scan (chunks in parallel, then a scan over their
+    summaries) instead of one program walking each sequence; default: ``VKT_TRITON_SEQUENCE_PARALLEL``
+    (``1``, the default, or ``0``). Neither has been timed on a GPU yet (``docs/performance.md``).
     """
     _forward_only(stream, weights, null, log_decay, *(state or ()))
     acc = ref.accumulation_dtype(stream.dtype)
@@ -174,8 +270,24 @@ def global_context(
     out_s = torch.empty(batch, heads, dim, dtype=acc, device=stream.device)
     out_w = torch.empty(batch, heads, dtype=acc, device=stream.device)
     block_d = _block_d(dim)
-    grid = (batch * heads, triton.cdiv(dim, block_d))
-    if length:
+    if sequence_parallel is None:
+        sequence_parallel = os.environ.get("VKT_TRITON_SEQUENCE_PARALLEL", "1") != "0"
+    if length and sequence_parallel:
+        chunks, rows, d_blocks = triton.cdiv(length, 64), batch * heads, triton.cdiv(dim, block_d)
+        sums = torch.empty(rows, chunks, dim, dtype=acc, device=stream.device)
+        states = torch.empty_like(sums)
+        sums_w, last, states_w = (torch.empty(rows, chunks, dtype=acc, device=stream.device) for _ in range(3))
+        _chunk_sums_kernel[(rows, chunks, d_blocks)](
+            stream, w, m, ld, sums, sums_w, last, length, heads, dim, chunks, BLOCK_C=64, BLOCK_D=block_d
+        )
+        _chunk_states_kernel[(rows, d_blocks)](
+            sums, sums_w, last, init, init_w, states, states_w, out_s, out_w, dim, chunks, BLOCK_D=block_d
+        )
+        _chunk_outputs_kernel[(rows, chunks, d_blocks)](
+            stream, w, m, ld, states, states_w, mean0, out, length, heads, dim, chunks, BLOCK_C=64, BLOCK_D=block_d
+        )
+    elif length:
+        grid = (batch * heads, triton.cdiv(dim, block_d))
         _global_kernel[grid](
             stream, w, m, ld, init, init_w, mean0, out, out_s, out_w, length, heads, dim, BLOCK_C=64, BLOCK_D=block_d
         )
