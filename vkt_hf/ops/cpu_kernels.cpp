@@ -359,7 +359,7 @@ std::vector<torch::Tensor> decayed_mean_backward(torch::Tensor grad_mean, torch:
 }
 
 // ------------------------------------------------------------------------------------------------
-// The softmax window of vkt_hf/ops/autograd.py (`WindowSoftmax`, training), forward and backward, one query
+// The softmax window of vkt_hf/ops/autograd.py (`WindowSoftmax`: training, and inference on CPU), one query
 // row at a time: logits over [sink, window, read-out slot], softmax, weighted values; the backward recomputes
 // the probabilities from the saved row maximum and normaliser, dS = P (dP - rowsum(dO O)) (as the PyTorch
 // Function). The PyTorch version multiplies (G n) x 2n blocks of which half the keys are masked and passes

@@ -97,6 +97,21 @@ if HAS_TRITON:
     # (3) every chunk's outputs from its state, all chunks at once. (1) and (3) are the work, on B*H*chunks
     # programs instead of B*H; (2) is N / C vector steps.
     @triton.jit
+    def _chunk(S, W, M, LD, bh, c, db, N, H, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Chunk ``c`` of row ``bh``, channel block ``db``: the weighted vectors ``(C, BD)`` (float32), the
+        weights ``(C,)`` and the inclusive log decays ``(C,)`` (padding decays by 1 and weighs 0)."""
+        b = bh // H
+        offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        t = c * BLOCK_C + tl.arange(0, BLOCK_C)
+        tmask = t < N
+        m = tl.load(M + b * N + t, mask=tmask, other=0.0)
+        w = tl.load(W + bh * N + t, mask=tmask, other=0.0)
+        x = tl.load(
+            S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & (offs_d < D)[None, :], other=0.0
+        )
+        return x.to(tl.float32) * w[:, None], w, tl.cumsum(tl.load(LD + bh % H) * m, 0)
+
+    @triton.jit
     def _chunk_sums_kernel(
         S, W, M, LD, SUMS, SUMW, LAST,
         N, H, D, CHUNKS,
@@ -105,22 +120,12 @@ if HAS_TRITON:
         bh = tl.program_id(0)
         c = tl.program_id(1)
         db = tl.program_id(2)
-        b = bh // H
-        h = bh % H
         offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = offs_d < D
         offs_c = tl.arange(0, BLOCK_C)
-        t = c * BLOCK_C + offs_c
-        tmask = t < N
-        ld = tl.load(LD + h)
-        m = tl.load(M + b * N + t, mask=tmask, other=0.0)
-        w = tl.load(W + bh * N + t, mask=tmask, other=0.0)
-        x = tl.load(S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
-        x = x.to(tl.float32) * w[:, None]  # (C, BD)
-        cl = tl.cumsum(ld * m, 0)
+        x, w, cl = _chunk(S, W, M, LD, bh, c, db, N, H, D, BLOCK_C, BLOCK_D)
         last = tl.sum(tl.where(offs_c == BLOCK_C - 1, cl, 0.0), 0)
         tail = tl.exp(last - cl)  # decay from each row to the chunk's end
-        tl.store(SUMS + (bh * CHUNKS + c) * D + offs_d, tl.sum(tail[:, None] * x, 0), mask=dmask)
+        tl.store(SUMS + (bh * CHUNKS + c) * D + offs_d, tl.sum(tail[:, None] * x, 0), mask=offs_d < D)
         tl.store(SUMW + bh * CHUNKS + c + db * 0, tl.sum(tail * w, 0), mask=db == 0)
         tl.store(LAST + bh * CHUNKS + c + db * 0, last, mask=db == 0)
 
@@ -154,22 +159,15 @@ if HAS_TRITON:
         bh = tl.program_id(0)
         c = tl.program_id(1)
         db = tl.program_id(2)
-        b = bh // H
-        h = bh % H
         offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
         offs_c = tl.arange(0, BLOCK_C)
         t = c * BLOCK_C + offs_c
         tmask = t < N
-        ld = tl.load(LD + h)
         state = tl.load(STATES + (bh * CHUNKS + c) * D + offs_d, mask=dmask, other=0.0)
         state_w = tl.load(STATESW + bh * CHUNKS + c)
         mean0 = tl.load(MEAN0 + bh * D + offs_d, mask=dmask, other=0.0)
-        m = tl.load(M + b * N + t, mask=tmask, other=0.0)
-        w = tl.load(W + bh * N + t, mask=tmask, other=0.0)
-        x = tl.load(S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
-        x = x.to(tl.float32) * w[:, None]
-        cl = tl.cumsum(ld * m, 0)
+        x, w, cl = _chunk(S, W, M, LD, bh, c, db, N, H, D, BLOCK_C, BLOCK_D)
         lower = offs_c[:, None] > offs_c[None, :]
         decay = tl.where(lower, tl.exp(tl.minimum(cl[:, None] - cl[None, :], 0.0)), 0.0)
         carry = tl.exp(cl)
