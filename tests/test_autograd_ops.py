@@ -193,7 +193,7 @@ WINDOW_CASES = {
 
 def window_kernel_calls(monkeypatch, kernel: bool) -> list[str]:
     """Run the softmax window on its C++ kernels (``kernel``: they must build here) or on PyTorch; returns the
-    list the kernels' calls are recorded in (``"forward"`` / ``"backward"``; ``"declined"`` for non-finite input)."""
+    list the kernels' calls are recorded in (``"forward"`` / ``"backward"``)."""
     from vkt_hf.ops import cpu_kernels
 
     calls: list[str] = []
@@ -208,9 +208,8 @@ def window_kernel_calls(monkeypatch, kernel: bool) -> list[str]:
             return getattr(module, name)
 
         def window_softmax_forward(self, *args):
-            result = module.window_softmax_forward(*args)
-            calls.append("forward" if result else "declined")
-            return result
+            calls.append("forward")
+            return module.window_softmax_forward(*args)
 
         def window_softmax_backward(self, *args):
             calls.append("backward")
@@ -277,21 +276,26 @@ def test_window_kernel_at_model_size(monkeypatch, dtype):
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
-def test_window_kernel_declines_non_finite_input(monkeypatch):
-    """A NaN or inf key/value: the kernel declines and the PyTorch Function runs (its rules: only the queries that
-    weigh the bad value get NaN), so the result is the reference's."""
+def test_window_kernel_non_finite_input_follows_the_reference(monkeypatch):
+    """NaN and inf keys, values, a query and a slot logit: the kernel gives the reference's NaN pattern (a NaN logit
+    makes its row NaN; a non-finite value reaches only the queries that weigh it) and its numbers elsewhere, and
+    -- bit for bit -- the earlier rows of a clean input (what a row computes never depends on another row)."""
     calls = window_kernel_calls(monkeypatch, True)
     q, k, v, key_mask, window, past, sink, visible, slot = window_inputs(length=9)
+    args = (key_mask, window, past, sink, visible, None)
     with torch.no_grad():
+        clean, _ = ref.sliding_window_attention(q, k, v, *args, slot, custom_backward=True)
         v[0, 0, 7] = float("inf")
         k[1, 1, 8, 0] = float("nan")
-    got, _ = ref.sliding_window_attention(
-        q, k, v, key_mask, window, past, sink, visible, None, slot, custom_backward=True
-    )
-    want, _ = ref.sliding_window_attention(q, k, v, key_mask, window, past, sink, visible, None, slot)
-    assert calls == ["declined"]
+        q[0, 3, 6, 1] = float("inf")
+        logit = slot[0].clone()
+        logit[1, 0, 5] = float("nan")
+        got, _ = ref.sliding_window_attention(q, k, v, *args, (logit, slot[1]), custom_backward=True)
+        want, _ = ref.sliding_window_attention(q, k, v, *args, (logit, slot[1]))
+    assert calls == ["forward", "forward"]
     assert torch.isnan(got).any() and torch.equal(torch.isnan(got), torch.isnan(want))
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[..., :5, :], clean[..., :5, :])  # every change is at token 5 or later
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["cpp", "torch"])

@@ -490,16 +490,15 @@ def _window_kernel_inputs(query, keys, values, allowed, sink_keys, sink_values, 
 
 class WindowSoftmax(torch.autograd.Function):
     """:func:`window_softmax` with a flash-style backward (probabilities recomputed, not stored). On CPU, in
-    float32/float64 with finite inputs, both passes are C++ kernels (``cpu_kernels.cpp``) when they are built."""
+    float32/float64, both passes are C++ kernels (``cpu_kernels.cpp``) when they are built."""
 
     @staticmethod
     def forward(ctx, query, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale):
         ctx.scale = scale
         inputs = _window_kernel_inputs(query, keys, values, allowed, sink_keys, sink_values, visible, logit, value)
-        result = [] if inputs is None else cpu_kernels.kernel().window_softmax_forward(*inputs, scale)
-        ctx.cpu = bool(result)  # the kernel declines non-finite inputs
+        ctx.cpu = inputs is not None
         if ctx.cpu:
-            out, top, norm = result
+            out, top, norm = cpu_kernels.kernel().window_softmax_forward(*inputs, scale)
             ctx.save_for_backward(*inputs, top, norm, out)
             return out
         with torch.autocast(query.device.type, enabled=False):

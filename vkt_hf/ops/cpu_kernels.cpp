@@ -370,8 +370,9 @@ std::vector<torch::Tensor> decayed_mean_backward(torch::Tensor grad_mean, torch:
 // pair"); allowed (B, b, n, 2n) bool, the keys of its pair each query sees, which must lie in the band
 // [o + 1, o + n] for query offset o (sliding_window_attention builds it so); sink_keys, sink_values
 // (B, Hk, s, d) and visible (B, b, n, s) bool, or empty (no sink); logit (B, Hk, G, b, n) and value
-// (B, Hk, G, b, n, d), the read-out slot, or empty. The forward returns nothing when an input is not finite
-// (a logit may be +-inf): the caller then runs the PyTorch Function, whose NaN rules this does not repeat.
+// (B, Hk, G, b, n, d), the read-out slot, or empty. Non-finite inputs follow the PyTorch Function's rules in the
+// forward (a NaN logit makes its row NaN; a non-finite value reaches only the queries that weigh it), so a row's
+// result never depends on another row's inputs; the backward's gradients are then not specified.
 
 namespace {
 
@@ -395,18 +396,10 @@ inline float fast_exp<float>(float x) {
 }
 
 template <typename T>
-bool finite(const torch::Tensor& t, bool allow_inf = false) {
-  if (t.numel() == 0) return true;  // absent
-  const T* x = t.data_ptr<T>();
-  const int64_t size = t.numel();
-  if (allow_inf) {
-    for (int64_t i = 0; i < size; ++i)
-      if (std::isnan(x[i])) return false;
-    return true;
-  }
+bool finite_row(const T* x, int64_t dim) {
   T acc = 0;  // x * 0 is 0 for a finite x and NaN otherwise
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < size; ++i) acc += x[i] * T(0);
+  for (int64_t k = 0; k < dim; ++k) acc += x[k] * T(0);
   return acc == 0;
 }
 
@@ -478,7 +471,8 @@ struct Window {
   }
 
   // The logits of query row (b, g, block, o) of key head hk into `sink` (s) and `band` (2n, only [o + 1, o + n]
-  // written), the slot's into `slot`; returns the row maximum (clamped to finite as torch's amax + clamp).
+  // written), the slot's into `slot`; returns the row maximum (clamped to finite as torch's amax + clamp; NaN
+  // when a logit the row sees is NaN).
   T logits(int64_t b, int64_t hk, int64_t block, int64_t o, const T* query, const T* kt, const T* slot_logit,
            T* sink, T* band, T* slot) const {
     constexpr T kBig = std::numeric_limits<T>::max();
@@ -489,25 +483,33 @@ struct Window {
     columns_product(query, kt, wide, dim, first, last, band);
 #pragma omp simd
     for (int64_t u = first; u < last; ++u) {
-      const T l = band[u] * scale;
-      band[u] = ok[u] != 0 ? (l < kBig ? l : kBig) : -std::numeric_limits<T>::infinity();
+      const T l = band[u] * scale;  // clamped to the largest finite value, NaN kept (torch.clamp(max=))
+      band[u] = ok[u] != 0 ? (l > kBig ? kBig : l) : -std::numeric_limits<T>::infinity();
     }
-#pragma omp simd reduction(max : top)
-    for (int64_t u = first; u < last; ++u) top = top > band[u] ? top : band[u];
+    int nan = 0;
+#pragma omp simd reduction(max : top) reduction(| : nan)
+    for (int64_t u = first; u < last; ++u) {
+      top = top > band[u] ? top : band[u];
+      nan |= band[u] != band[u];
+    }
     const T* sk = sinks ? sink_keys + (b * kv_heads + hk) * sinks * dim : nullptr;
     const bool* seen = sinks ? visible + ((b * blocks + block) * n + o) * sinks : nullptr;
     for (int64_t j = 0; j < sinks; ++j) {
       T d = 0;
 #pragma omp simd reduction(+ : d)
       for (int64_t k = 0; k < dim; ++k) d += query[k] * sk[j * dim + k];
-      sink[j] = seen[j] ? std::min(d * scale, kBig) : -std::numeric_limits<T>::infinity();
+      const T l = d * scale;
+      sink[j] = seen[j] ? (l > kBig ? kBig : l) : -std::numeric_limits<T>::infinity();
       top = std::max(top, sink[j]);
+      nan |= sink[j] != sink[j];
     }
     if (slot_logit) {
-      *slot = std::min(*slot_logit, kBig);
+      *slot = *slot_logit > kBig ? kBig : *slot_logit;
       top = std::max(top, *slot);
+      nan |= *slot != *slot;
     }
-    return std::max(top, std::numeric_limits<T>::lowest());
+    // a NaN logit makes the row's maximum NaN, and so every probability (torch.amax propagates NaN)
+    return nan ? std::numeric_limits<T>::quiet_NaN() : std::max(top, std::numeric_limits<T>::lowest());
   }
 
   // exp(l - top) / norm in place; with norm <= 0, sets it to the sum (clamped to the smallest normal)
@@ -566,18 +568,17 @@ void check_window(const std::vector<torch::Tensor>& tensors, const torch::Tensor
 }
 
 template <typename T>
-bool window_forward(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
+void window_forward(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values,
                     const torch::Tensor& allowed, const torch::Tensor& sink_keys, const torch::Tensor& sink_values,
                     const torch::Tensor& visible, const torch::Tensor& logit, const torch::Tensor& value, double scale,
                     torch::Tensor& out, torch::Tensor& top, torch::Tensor& norm) {
-  for (const auto& t : {q, keys, values, sink_keys, sink_values, value})
-    if (!finite<T>(t)) return false;
-  if (!finite<T>(logit, /*allow_inf=*/true)) return false;
   const Window<T> w = window_of<T>(q, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale);
   const int64_t batch = q.size(0), kv_heads = w.kv_heads, group = w.group, blocks = w.blocks, n = w.n, dim = w.dim;
+  constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
   T *O = out.data_ptr<T>(), *M = top.data_ptr<T>(), *Z = norm.data_ptr<T>();
   at::parallel_for(0, batch * kv_heads * blocks, 1, [&](int64_t first, int64_t end) {
-    std::vector<T> kt(dim * 2 * n), band(2 * n), sink(w.sinks + 1);
+    std::vector<T> kt(dim * 2 * n), band(2 * n), sink(w.sinks + 1), clean_values, clean_sink;
+    std::vector<uint8_t> bad(2 * n), bad_sink(w.sinks + 1);
     T slot = 0;
     for (int64_t task = first; task < end; ++task) {
       const int64_t block = task % blocks, hk = (task / blocks) % kv_heads, b = task / (blocks * kv_heads);
@@ -585,31 +586,58 @@ bool window_forward(const torch::Tensor& q, const torch::Tensor& keys, const tor
       const T* pair_values = w.values + w.pair(b, hk, block) * dim;
       const T* sv = w.sinks ? w.sink_values + (b * kv_heads + hk) * w.sinks * dim : nullptr;
       w.transpose(pair_keys, kt.data());
+      // a non-finite value reaches only the queries that weigh it (as the reference's _attend): in the products
+      // it counts as 0, and a query that gives it weight gets NaN
+      bool any_bad = false;
+      for (int64_t u = 0; u < 2 * n; ++u) any_bad |= (bad[u] = !finite_row(pair_values + u * dim, dim));
+      if (any_bad) {
+        clean_values.assign(pair_values, pair_values + 2 * n * dim);
+        for (int64_t u = 0; u < 2 * n; ++u)
+          if (bad[u]) std::fill_n(clean_values.begin() + u * dim, dim, T(0));
+        pair_values = clean_values.data();
+      }
+      bool any_bad_sink = false;
+      for (int64_t j = 0; j < w.sinks; ++j) any_bad_sink |= (bad_sink[j] = !finite_row(sv + j * dim, dim));
+      if (any_bad_sink) {
+        clean_sink.assign(sv, sv + w.sinks * dim);
+        for (int64_t j = 0; j < w.sinks; ++j)
+          if (bad_sink[j]) std::fill_n(clean_sink.begin() + j * dim, dim, T(0));
+        sv = clean_sink.data();
+      }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t o = 0; o < n; ++o) {
           const int64_t r = w.row(b, hk, g, block, o);
           const T* query = w.q + r * dim;
+          T* o_row = O + r * dim;
           const T m = w.logits(b, hk, block, o, query, kt.data(), w.logit ? w.logit + r : nullptr, sink.data(),
                                band.data(), &slot);
+          if (m != m) {  // a NaN logit: the whole row is NaN
+            M[r] = Z[r] = kNaN;
+            std::fill_n(o_row, dim, kNaN);
+            continue;
+          }
           T z = 0;
           w.probabilities(o, m, z, sink.data(), band.data(), &slot, w.logit != nullptr);
           M[r] = m;
           Z[r] = z;
-          T* o_row = O + r * dim;
           rows_product(band.data(), 1, pair_values, dim, dim, o + 1, o + n + 1, o_row, /*accumulate=*/false);
+          bool poisoned = false;
+          if (any_bad)
+            for (int64_t u = o + 1; u < o + n + 1; ++u) poisoned |= bad[u] && band[u] != 0;
           for (int64_t j = 0; j < w.sinks; ++j) {
+            poisoned |= bad_sink[j] && sink[j] != 0;
 #pragma omp simd
             for (int64_t k = 0; k < dim; ++k) o_row[k] += sink[j] * sv[j * dim + k];
           }
-          if (w.logit) {
+          if (w.logit) {  // the slot's value is multiplied as is (0 * inf is NaN there too)
             const T* v = w.value + r * dim;
 #pragma omp simd
             for (int64_t k = 0; k < dim; ++k) o_row[k] += slot * v[k];
           }
+          if (poisoned) std::fill_n(o_row, dim, kNaN);
         }
     }
   });
-  return true;
 }
 
 template <typename T>
@@ -717,12 +745,10 @@ std::vector<torch::Tensor> window_softmax_forward(torch::Tensor q, torch::Tensor
   auto out = torch::empty_like(q);
   auto top = torch::empty({batch, kv_heads, group, blocks, n}, q.options());
   auto norm = torch::empty_like(top);
-  bool ok = true;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "window_softmax_forward", [&] {
-    ok = window_forward<scalar_t>(q, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale, out,
-                                  top, norm);
+    window_forward<scalar_t>(q, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale, out, top,
+                             norm);
   });
-  if (!ok) return {};
   return {out, top, norm};
 }
 

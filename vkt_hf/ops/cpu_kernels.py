@@ -9,8 +9,8 @@
 * ``window_softmax_forward`` / ``window_softmax_backward``: :class:`vkt_hf.ops.autograd.WindowSoftmax` (the local
   softmax window with its sink and read-out slot; training, and inference on CPU) one query row at a time over
   its own ``n`` keys, with register-tiled products, instead of ``(G n) x 2n`` block products half of whose keys
-  are masked and a dozen passes over ``(tokens x slots)`` tensors. They decline non-finite inputs (the PyTorch
-  Function then runs, with the reference's NaN rules).
+  are masked and a dozen passes over ``(tokens x slots)`` tensors. Non-finite inputs follow the reference's
+  rules row by row (a NaN logit makes its row NaN, a non-finite value reaches only the queries that weigh it).
 
 The build uses ``-march=native`` (so the module is named after this CPU as well as the torch version),
 ``-fno-trapping-math`` (without it the selects of the vectorized ``exp`` are branches and the loops stay scalar)
