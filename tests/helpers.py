@@ -150,3 +150,28 @@ def op_inputs(batch, heads, length, dim, decay, padded, window, seed=0, device="
     global_state = (rnd(batch, heads, dim).to(weights.dtype), total.to(device=device, dtype=weights.dtype))
     local_state = (rnd(batch, heads, window, dim), (torch.rand(batch, window, generator=g) > 0.3).float().to(device))
     return stream, weights, mask, null, log_decay, global_state, local_state
+
+
+def count_kernel_calls(monkeypatch, labels: dict[str, str]) -> list[str]:
+    """Record the calls of the compiled CPU kernels named in ``labels`` (kernel name -> label appended to the
+    returned list) for the rest of the test. The kernels must build here (a C++ compiler is installed)."""
+    from vkt_hf.ops import cpu_kernels
+
+    module = cpu_kernels.kernel()
+    assert module is not None, "the CPU kernels must build here (a C++ compiler is installed)"
+    calls: list[str] = []
+
+    class Counted:  # the extension's attributes are read-only: count through a stand-in module
+        def __getattr__(self, name):
+            function = getattr(module, name)
+            if name not in labels:
+                return function
+
+            def counted(*args):
+                calls.append(labels[name])
+                return function(*args)
+
+            return counted
+
+    monkeypatch.setattr(cpu_kernels, "_MODULE", Counted())
+    return calls

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tests.helpers import op_inputs
+from tests.helpers import count_kernel_calls, op_inputs
 from vkt_hf import ops
 from vkt_hf.convert.common import resolve_vkt_options, vkt_layer_config
 from vkt_hf.layers.vkt_attention import VKTAttention
@@ -194,29 +194,12 @@ WINDOW_CASES = {
 def window_kernel_calls(monkeypatch, kernel: bool) -> list[str]:
     """Run the softmax window on its C++ kernels (``kernel``: they must build here) or on PyTorch; returns the
     list the kernels' calls are recorded in (``"forward"`` / ``"backward"``)."""
-    from vkt_hf.ops import cpu_kernels
-
-    calls: list[str] = []
     if not kernel:
         monkeypatch.setenv("VKT_CPU_KERNELS", "0")
-        return calls
-    module = cpu_kernels.kernel()
-    assert module is not None, "the CPU kernels must build here (a C++ compiler is installed)"
-
-    class Counted:  # the extension's attributes are read-only: count through a stand-in module
-        def __getattr__(self, name):
-            return getattr(module, name)
-
-        def window_softmax_forward(self, *args):
-            calls.append("forward")
-            return module.window_softmax_forward(*args)
-
-        def window_softmax_backward(self, *args):
-            calls.append("backward")
-            return module.window_softmax_backward(*args)
-
-    monkeypatch.setattr(cpu_kernels, "_MODULE", Counted())
-    return calls
+        return []
+    return count_kernel_calls(
+        monkeypatch, {"window_softmax_forward": "forward", "window_softmax_backward": "backward"}
+    )
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["cpp", "torch"])

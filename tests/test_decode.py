@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vkt_hf
+from tests.helpers import count_kernel_calls
 from tests.test_local_attention import native_config, tiny_llama
 from vkt_hf.layers import decode
 
@@ -182,9 +183,6 @@ def test_cpu_kernel_equals_the_eager_step(monkeypatch, variant, hooked):
     """The C++ step (``vkt_hf/ops/cpu_kernels.cpp``) gives the eager step's logits and states, and runs: with the
     projections inside the call (``decode_layer``), or, when a projection has a hook (an adapter, a probe), the
     projections as modules and the rest in C++ (``decode_step``)."""
-    from vkt_hf.ops import cpu_kernels
-
-    assert cpu_kernels.kernel() is not None, "the kernel must build here (a C++ compiler is installed)"
     model = converted(local_window=3, **variant)
     seen = []
     if hooked:  # a hook that records (and so must run) on every q projection
@@ -194,22 +192,7 @@ def test_cpu_kernel_equals_the_eager_step(monkeypatch, variant, hooked):
     mask = torch.ones(3, 24, dtype=torch.long)
     mask[1, :2] = 0
     bounds = [0, 9, *range(10, 25)]
-    calls = []
-    module = cpu_kernels._MODULE
-
-    class Counted:  # the loaded extension's attributes are read-only: count through a stand-in module
-        def __getattr__(self, name):
-            return getattr(module, name)
-
-        def decode_step(self, *args):
-            calls.append("step")
-            return module.decode_step(*args)
-
-        def decode_layer(self, *args):
-            calls.append("layer")
-            return module.decode_layer(*args)
-
-    monkeypatch.setattr(cpu_kernels, "_MODULE", Counted())
+    calls = count_kernel_calls(monkeypatch, {"decode_step": "step", "decode_layer": "layer"})
     fast, fast_cache = feed(model, ids, mask, bounds)
     assert len(calls) >= 10 * 2 and set(calls) == {"step" if hooked else "layer"}
     assert len(seen) >= (len(calls) if hooked else 0)
