@@ -118,7 +118,7 @@ class Ready(NamedTuple):
 
 
 def ready(layer: VKTAttention, state: VKTState | None, slot: Any) -> Ready | None:
-    """What :func:`decode_step` needs to know of ``state`` (in ``slot``, a cache layer), or ``None`` if it cannot run.
+    """What :func:`decode_output` needs to know of ``state`` (in ``slot``, a cache layer), or ``None`` if it cannot run.
 
     It needs no gradient (the state is updated in place), a causal layer, a state holding what the layer's
     options carry, contiguous buffers, and a full sink (the new token is then a key of the window, never a
@@ -261,27 +261,29 @@ def decode_output(
     position: int,
     found: Ready,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_step`, then ``o_proj``: the layer's output ``(B, 1, hidden)`` and ``a`` ``(B, H, 1)``.
+    """The step of :func:`decode_step`, then ``o_proj``: the layer's output ``(B, 1, hidden)`` and ``a`` ``(B, H, 1)``.
 
-    Where the C++ step runs and the five projections are plain ``nn.Linear`` modules without hooks (a
-    conversion's layer; not one wrapped by an adapter), the projections run inside the same C++ call
-    (``decode_layer``): one trip from Python per layer and step instead of seven.
+    Where the C++ step can run (:func:`_kernel_ready`, the kernels built) it does, and when the five projections
+    are plain ``nn.Linear`` modules without hooks (a conversion's layer; not one wrapped by an adapter) they run
+    inside the same C++ call (``decode_layer``): one trip from Python per layer and step instead of seven.
+    Otherwise the eager step, :func:`decode_step`.
     """
     config = Options(layer.config)
-    if _kernel_ready(config, found, x):
-        module = cpu_kernels.kernel()
-        weights = None if module is None else _plain_projections(layer)
-        if weights is not None:
-            batch = x.shape[0]
-            out, a = module.decode_layer(
-                x.view(batch, -1),
-                weights,
-                layer.num_heads,
-                layer.num_kv_heads,
-                *_kernel_state(layer, config, x, rotary, state, position),
-            )
-            return out.view(batch, 1, -1), a.view(batch, layer.num_heads, 1)
-    mixed, a = decode_step(layer, x, rotary, state, position, found, config)
+    module = cpu_kernels.kernel() if _kernel_ready(config, found, x) else None
+    if module is None:
+        mixed, a = decode_step(layer, x, rotary, state, position, found, config)
+    elif (weights := _plain_projections(layer)) is None:
+        mixed, a = _kernel_step(module, layer, config, x, rotary, state, position)
+    else:
+        batch = x.shape[0]
+        out, a = module.decode_layer(
+            x.view(batch, -1),
+            weights,
+            layer.num_heads,
+            layer.num_kv_heads,
+            *_kernel_state(layer, config, x, rotary, state, position),
+        )
+        return out.view(batch, 1, -1), a.view(batch, layer.num_heads, 1)
     return layer._output(mixed, x), a
 
 
@@ -314,20 +316,16 @@ def decode_step(
     state: VKTState,
     position: int,
     found: Ready,
-    config: Options | None = None,
+    config: Options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's mixing of one new token per row (``x`` ``(B, 1, hidden)``, all real), ``state`` updated in place.
+    """The layer's mixing of one new token per row (``x`` ``(B, 1, hidden)``, all real), ``state`` updated in place:
+    the eager step, in PyTorch (:func:`decode_output` runs the C++ kernel of the same step where it can).
 
     ``state`` is in the ring layout of the module docstring, after ``position`` positions; ``found`` is what
-    :func:`ready` said of it. Returns the mixed heads ``(B, H, 1, d)`` (before ``o_proj``) and ``a``
-    ``(B, H, 1)``, as the projections and :func:`.vkt_attention.mix` would. Heads are grouped
-    ``(B, Hk, G, ...)`` (``G = H / Hk``): key/value heads broadcast over their group, never repeated.
+    :func:`ready` said of it; ``config`` the layer's :class:`Options`. Returns the mixed heads ``(B, H, 1, d)``
+    (before ``o_proj``) and ``a`` ``(B, H, 1)``, as the projections and :func:`.vkt_attention.mix` would. Heads
+    are grouped ``(B, Hk, G, ...)`` (``G = H / Hk``): key/value heads broadcast over their group, never repeated.
     """
-    config = Options(layer.config) if config is None else config
-    if _kernel_ready(config, found, x):
-        module = cpu_kernels.kernel()
-        if module is not None:  # the same step in one C++ call (vkt_hf/ops/cpu_kernels.cpp)
-            return _kernel_step(module, layer, config, x, rotary, state, position)
     batch, heads, kv_heads, dim = x.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
     group = heads // kv_heads
     acc = torch.float64 if config.accumulation_dtype == "float64" else torch.float32
@@ -404,7 +402,7 @@ def _kernel_state(layer, config, x, rotary, state, position) -> list:
 
 
 def _kernel_step(module, layer, config, x, rotary, state, position) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_step` through the C++ kernel: the projections here (as modules: hooks and adapters run), the
+    """The step of :func:`decode_step` through the C++ kernel: the projections here (as modules: hooks and adapters run), the
     rest in one call."""
     batch, heads, kv_heads, dim = x.shape[0], layer.num_heads, layer.num_kv_heads, layer.head_dim
     x = x.view(batch, -1)
