@@ -41,8 +41,13 @@ float normalize(float x, int64_t code) {
   }
 }
 
+template <typename T>
+T clamp_max(T x) {  // torch.clamp(x, max=finfo.max): +inf -> max, NaN stays NaN
+  return x > std::numeric_limits<T>::max() ? std::numeric_limits<T>::max() : x;
+}
+
 float clamp_finite(float x) {  // torch.clamp(x, -max, max): NaN stays NaN
-  return x > kMax ? kMax : (x < -kMax ? -kMax : x);
+  return x < -kMax ? -kMax : clamp_max(x);
 }
 
 float guard(float den, float eps) {  // keep the sign, |den| >= eps (vkt_hf.ops.functional.guard)
@@ -150,7 +155,7 @@ std::vector<torch::Tensor> decode_step(
         logits[n++] = dot(query, mean, dim) * scale + std::log1p(far) + bias[h];
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t i = 0; i < n; ++i) {
-          logits[i] = logits[i] > kMax ? kMax : logits[i];
+          logits[i] = clamp_max(logits[i]);
           top = logits[i] > top ? logits[i] : top;
         }
         float norm = 0.0f;
@@ -403,6 +408,21 @@ bool finite_row(const T* x, int64_t dim) {
   return acc == 0;
 }
 
+// Marks in `bad` the `count` rows of `rows` that hold a non-finite number; if there are any, points `rows` at a
+// copy in `clean` with those rows zeroed. Returns whether there were any.
+template <typename T>
+bool zero_non_finite_rows(const T*& rows, int64_t count, int64_t dim, uint8_t* bad, std::vector<T>& clean) {
+  bool any = false;
+  for (int64_t u = 0; u < count; ++u) any |= (bad[u] = !finite_row(rows + u * dim, dim));
+  if (any) {
+    clean.assign(rows, rows + count * dim);
+    for (int64_t u = 0; u < count; ++u)
+      if (bad[u]) std::fill_n(clean.begin() + u * dim, dim, T(0));
+    rows = clean.data();
+  }
+  return any;
+}
+
 // Register-tiled products (a tile of accumulators stays in registers; a loop over memory would wait on its own
 // stores): out[u] = sum_k x[k] columns[k stride + u] for u in [first, last) ...
 template <typename T>
@@ -475,7 +495,6 @@ struct Window {
   // when a logit the row sees is NaN).
   T logits(int64_t b, int64_t hk, int64_t block, int64_t o, const T* query, const T* kt, const T* slot_logit,
            T* sink, T* band, T* slot) const {
-    constexpr T kBig = std::numeric_limits<T>::max();
     T top = -std::numeric_limits<T>::infinity();
     const int64_t first = o + 1, last = o + n + 1, wide = 2 * n;
     // read as bytes: the vectorizer has no vector type for bool
@@ -483,8 +502,7 @@ struct Window {
     columns_product(query, kt, wide, dim, first, last, band);
 #pragma omp simd
     for (int64_t u = first; u < last; ++u) {
-      const T l = band[u] * scale;  // clamped to the largest finite value, NaN kept (torch.clamp(max=))
-      band[u] = ok[u] != 0 ? (l > kBig ? kBig : l) : -std::numeric_limits<T>::infinity();
+      band[u] = ok[u] != 0 ? clamp_max(band[u] * scale) : -std::numeric_limits<T>::infinity();
     }
     int nan = 0;
 #pragma omp simd reduction(max : top) reduction(| : nan)
@@ -498,13 +516,12 @@ struct Window {
       T d = 0;
 #pragma omp simd reduction(+ : d)
       for (int64_t k = 0; k < dim; ++k) d += query[k] * sk[j * dim + k];
-      const T l = d * scale;
-      sink[j] = seen[j] ? (l > kBig ? kBig : l) : -std::numeric_limits<T>::infinity();
+      sink[j] = seen[j] ? clamp_max(d * scale) : -std::numeric_limits<T>::infinity();
       top = std::max(top, sink[j]);
       nan |= sink[j] != sink[j];
     }
     if (slot_logit) {
-      *slot = *slot_logit > kBig ? kBig : *slot_logit;
+      *slot = clamp_max(*slot_logit);
       top = std::max(top, *slot);
       nan |= *slot != *slot;
     }
@@ -513,7 +530,8 @@ struct Window {
   }
 
   // exp(l - top) / norm in place; with norm <= 0, sets it to the sum (clamped to the smallest normal)
-  void probabilities(int64_t o, T top, T& norm, T* sink, T* band, T* slot, bool has_slot) const {
+  void probabilities(int64_t o, T top, T& norm, T* sink, T* band, T* slot) const {
+    const bool has_slot = logit != nullptr;
     const int64_t first = o + 1, last = o + n + 1;
     const bool fresh = norm <= 0;
 #pragma omp simd
@@ -588,22 +606,8 @@ void window_forward(const torch::Tensor& q, const torch::Tensor& keys, const tor
       w.transpose(pair_keys, kt.data());
       // a non-finite value reaches only the queries that weigh it (as the reference's _attend): in the products
       // it counts as 0, and a query that gives it weight gets NaN
-      bool any_bad = false;
-      for (int64_t u = 0; u < 2 * n; ++u) any_bad |= (bad[u] = !finite_row(pair_values + u * dim, dim));
-      if (any_bad) {
-        clean_values.assign(pair_values, pair_values + 2 * n * dim);
-        for (int64_t u = 0; u < 2 * n; ++u)
-          if (bad[u]) std::fill_n(clean_values.begin() + u * dim, dim, T(0));
-        pair_values = clean_values.data();
-      }
-      bool any_bad_sink = false;
-      for (int64_t j = 0; j < w.sinks; ++j) any_bad_sink |= (bad_sink[j] = !finite_row(sv + j * dim, dim));
-      if (any_bad_sink) {
-        clean_sink.assign(sv, sv + w.sinks * dim);
-        for (int64_t j = 0; j < w.sinks; ++j)
-          if (bad_sink[j]) std::fill_n(clean_sink.begin() + j * dim, dim, T(0));
-        sv = clean_sink.data();
-      }
+      const bool any_bad = zero_non_finite_rows(pair_values, 2 * n, dim, bad.data(), clean_values);
+      zero_non_finite_rows(sv, w.sinks, dim, bad_sink.data(), clean_sink);
       for (int64_t g = 0; g < group; ++g)
         for (int64_t o = 0; o < n; ++o) {
           const int64_t r = w.row(b, hk, g, block, o);
@@ -617,7 +621,7 @@ void window_forward(const torch::Tensor& q, const torch::Tensor& keys, const tor
             continue;
           }
           T z = 0;
-          w.probabilities(o, m, z, sink.data(), band.data(), &slot, w.logit != nullptr);
+          w.probabilities(o, m, z, sink.data(), band.data(), &slot);
           M[r] = m;
           Z[r] = z;
           rows_product(band.data(), 1, pair_values, dim, dim, o + 1, o + n + 1, o_row, /*accumulate=*/false);
@@ -648,11 +652,9 @@ void window_backward(const torch::Tensor& grad, const torch::Tensor& q, const to
                      const torch::Tensor& out, torch::Tensor& d_q, torch::Tensor& d_keys, torch::Tensor& d_values,
                      torch::Tensor& d_sink_keys, torch::Tensor& d_sink_values, torch::Tensor& d_logit,
                      torch::Tensor& d_value) {
-  const int64_t batch = q.size(0), kv_heads = q.size(1), group = q.size(2), blocks = q.size(3), n = q.size(4);
-  const int64_t dim = q.size(5);
-  const bool has_slot = logit.numel() > 0;
-  const Window<T> w = window_of<T>(q, keys, values, allowed, sink_keys, sink_values, visible, logit,
-                                                 value, scale);
+  const Window<T> w = window_of<T>(q, keys, values, allowed, sink_keys, sink_values, visible, logit, value, scale);
+  const int64_t batch = q.size(0), kv_heads = w.kv_heads, group = w.group, blocks = w.blocks, n = w.n, dim = w.dim;
+  const bool has_slot = w.logit != nullptr;
   const T *dO = grad.data_ptr<T>(), *O = out.data_ptr<T>();
   const T *M = top.data_ptr<T>(), *Z = norm.data_ptr<T>();
   T *dQ = d_q.data_ptr<T>(), *dK = d_keys.data_ptr<T>(), *dV = d_values.data_ptr<T>();
@@ -686,7 +688,7 @@ void window_backward(const torch::Tensor& grad, const torch::Tensor& q, const to
             T *band = probs.data() + (g * n + o) * wide, *d_band = d_logits.data() + (g * n + o) * wide;
             w.logits(b, hk, block, o, query, kt.data(), w.logit ? w.logit + r : nullptr, sink.data(), band, &slot);
             T z = Z[r];
-            w.probabilities(o, M[r], z, sink.data(), band, &slot, w.logit != nullptr);
+            w.probabilities(o, M[r], z, sink.data(), band, &slot);
             T delta = 0;
 #pragma omp simd reduction(+ : delta)
             for (int64_t k = 0; k < dim; ++k) delta += d_out[k] * o_row[k];
