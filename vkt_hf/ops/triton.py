@@ -16,7 +16,8 @@ Same signatures and results as :func:`vkt_hf.ops.functional.global_context` /
   sequence-parallel, in the style of fla's chunked kernels and Mamba2's SSD: each chunk's own decayed
   sums and total decay (all chunks at once), a scan over the chunk summaries (the state entering each
   chunk, ``N / C`` vector steps), then each chunk's outputs from its entering state (all at once); the
-  default (``sequence_parallel``).
+  default (``sequence_parallel``). Both are made of the same pieces: ``_chunk`` (load a chunk),
+  ``_chunk_means`` (its outputs from the state entering it) and ``_chunk_summary`` (its sums at its end).
 * ``_local_kernel``: one program per (sequence x head, block of tokens, block of channels) adds
   the ``n`` previous rows (from the chunk or from the carried history): exact sums of ``n``
   terms, then divides by the count (or writes the null vector).
@@ -52,6 +53,42 @@ AVAILABLE = HAS_TRITON and torch.cuda.is_available()
 if HAS_TRITON:
 
     @triton.jit
+    def _chunk(S, W, M, LD, bh, start, db, N, H, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The chunk of row ``bh`` from token ``start``, channel block ``db``: the weighted vectors ``(C, BD)``
+        (float32), the weights ``(C,)`` and the inclusive log decays ``(C,)`` (padding decays by 1, weighs 0)."""
+        b = bh // H
+        offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        t = start + tl.arange(0, BLOCK_C)
+        tmask = t < N
+        m = tl.load(M + b * N + t, mask=tmask, other=0.0)
+        w = tl.load(W + bh * N + t, mask=tmask, other=0.0)  # already masked
+        x = tl.load(
+            S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & (offs_d < D)[None, :], other=0.0
+        )
+        return x.to(tl.float32) * w[:, None], w, tl.cumsum(tl.load(LD + bh % H) * m, 0)
+
+    @triton.jit
+    def _chunk_means(x, w, cl, state, state_w, mean0, BLOCK_C: tl.constexpr):
+        """The means ``(C, BD)`` of a chunk's tokens: the decayed sums of the tokens before each one inside the
+        chunk (one ``C x C`` matrix of ``exp(cl_t - cl_s)``, ``s < t``: exponents ``<= 0``, nothing overflows)
+        plus the decayed state entering it, over the same for the weights (``mean0`` where that is 0)."""
+        offs_c = tl.arange(0, BLOCK_C)
+        lower = offs_c[:, None] > offs_c[None, :]  # s < t
+        decay = tl.where(lower, tl.exp(tl.minimum(cl[:, None] - cl[None, :], 0.0)), 0.0)  # (C, C)
+        carry = tl.exp(cl)  # (C,)
+        num = tl.dot(decay, x, input_precision="ieee") + carry[:, None] * state[None, :]
+        den = tl.sum(decay * w[None, :], 1) + carry * state_w
+        return tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], mean0[None, :])
+
+    @triton.jit
+    def _chunk_summary(x, w, cl, BLOCK_C: tl.constexpr):
+        """A chunk's total log decay and its sums ``(BD,)`` and weight, decayed to its end."""
+        offs_c = tl.arange(0, BLOCK_C)
+        last = tl.sum(tl.where(offs_c == BLOCK_C - 1, cl, 0.0), 0)  # padding rows add 0
+        tail = tl.exp(last - cl)  # (C,) decay from each row to the chunk's end
+        return last, tl.sum(tail[:, None] * x, 0), tl.sum(tail * w, 0)
+
+    @triton.jit
     def _global_kernel(
         S, W, M, LD, INIT, INITW, MEAN0, OUT, OUTS, OUTW,
         N, H, D,
@@ -59,36 +96,19 @@ if HAS_TRITON:
     ):  # fmt: skip
         bh = tl.program_id(0)
         db = tl.program_id(1)
-        b = bh // H
-        h = bh % H
         offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        offs_c = tl.arange(0, BLOCK_C)
-        ld = tl.load(LD + h)
         state = tl.load(INIT + bh * D + offs_d, mask=dmask, other=0.0)  # (BD,)
         state_w = tl.load(INITW + bh)
         mean0 = tl.load(MEAN0 + bh * D + offs_d, mask=dmask, other=0.0)  # where every weight underflowed
-        lower = offs_c[:, None] > offs_c[None, :]  # s < t
         for start in range(0, N, BLOCK_C):
-            t = start + offs_c
-            tmask = t < N
-            m = tl.load(M + b * N + t, mask=tmask, other=0.0)
-            w = tl.load(W + bh * N + t, mask=tmask, other=0.0)  # already masked
-            x = tl.load(
-                S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0
-            )
-            x = x.to(tl.float32) * w[:, None]  # (C, BD)
-            cl = tl.cumsum(ld * m, 0)  # inclusive log decay in the chunk, <= 0, non-increasing
-            decay = tl.where(lower, tl.exp(tl.minimum(cl[:, None] - cl[None, :], 0.0)), 0.0)  # (C, C)
-            carry = tl.exp(cl)  # (C,)
-            num = tl.dot(decay, x, input_precision="ieee") + carry[:, None] * state[None, :]
-            den = tl.sum(decay * w[None, :], 1) + carry * state_w
-            out = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], mean0[None, :])
-            tl.store(OUT + (bh * N + t)[:, None] * D + offs_d[None, :], out, mask=tmask[:, None] & dmask[None, :])
-            last = tl.sum(tl.where(offs_c == BLOCK_C - 1, cl, 0.0), 0)  # padding rows add 0
-            tail = tl.exp(last - cl)  # (C,) decay from each row to the chunk's end
-            state = tl.exp(last) * state + tl.sum(tail[:, None] * x, 0)
-            state_w = tl.exp(last) * state_w + tl.sum(tail * w, 0)
+            t = start + tl.arange(0, BLOCK_C)
+            x, w, cl = _chunk(S, W, M, LD, bh, start, db, N, H, D, BLOCK_C, BLOCK_D)
+            out = _chunk_means(x, w, cl, state, state_w, mean0, BLOCK_C)
+            tl.store(OUT + (bh * N + t)[:, None] * D + offs_d[None, :], out, mask=(t < N)[:, None] & dmask[None, :])
+            last, sums, sums_w = _chunk_summary(x, w, cl, BLOCK_C)
+            state = tl.exp(last) * state + sums
+            state_w = tl.exp(last) * state_w + sums_w
         tl.store(OUTS + bh * D + offs_d, state, mask=dmask)
         tl.store(OUTW + bh + db * 0, state_w, mask=db == 0)
 
@@ -96,21 +116,6 @@ if HAS_TRITON:
     # and total decay, all chunks at once; (2) a scan over the chunks' summaries: the state entering each chunk;
     # (3) every chunk's outputs from its state, all chunks at once. (1) and (3) are the work, on B*H*chunks
     # programs instead of B*H; (2) is N / C vector steps.
-    @triton.jit
-    def _chunk(S, W, M, LD, bh, c, db, N, H, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Chunk ``c`` of row ``bh``, channel block ``db``: the weighted vectors ``(C, BD)`` (float32), the
-        weights ``(C,)`` and the inclusive log decays ``(C,)`` (padding decays by 1 and weighs 0)."""
-        b = bh // H
-        offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
-        t = c * BLOCK_C + tl.arange(0, BLOCK_C)
-        tmask = t < N
-        m = tl.load(M + b * N + t, mask=tmask, other=0.0)
-        w = tl.load(W + bh * N + t, mask=tmask, other=0.0)
-        x = tl.load(
-            S + (bh * N + t)[:, None] * D + offs_d[None, :], mask=tmask[:, None] & (offs_d < D)[None, :], other=0.0
-        )
-        return x.to(tl.float32) * w[:, None], w, tl.cumsum(tl.load(LD + bh % H) * m, 0)
-
     @triton.jit
     def _chunk_sums_kernel(
         S, W, M, LD, SUMS, SUMW, LAST,
@@ -121,12 +126,10 @@ if HAS_TRITON:
         c = tl.program_id(1)
         db = tl.program_id(2)
         offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_c = tl.arange(0, BLOCK_C)
-        x, w, cl = _chunk(S, W, M, LD, bh, c, db, N, H, D, BLOCK_C, BLOCK_D)
-        last = tl.sum(tl.where(offs_c == BLOCK_C - 1, cl, 0.0), 0)
-        tail = tl.exp(last - cl)  # decay from each row to the chunk's end
-        tl.store(SUMS + (bh * CHUNKS + c) * D + offs_d, tl.sum(tail[:, None] * x, 0), mask=offs_d < D)
-        tl.store(SUMW + bh * CHUNKS + c + db * 0, tl.sum(tail * w, 0), mask=db == 0)
+        x, w, cl = _chunk(S, W, M, LD, bh, c * BLOCK_C, db, N, H, D, BLOCK_C, BLOCK_D)
+        last, sums, sums_w = _chunk_summary(x, w, cl, BLOCK_C)
+        tl.store(SUMS + (bh * CHUNKS + c) * D + offs_d, sums, mask=offs_d < D)
+        tl.store(SUMW + bh * CHUNKS + c + db * 0, sums_w, mask=db == 0)
         tl.store(LAST + bh * CHUNKS + c + db * 0, last, mask=db == 0)
 
     @triton.jit
@@ -161,20 +164,13 @@ if HAS_TRITON:
         db = tl.program_id(2)
         offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        offs_c = tl.arange(0, BLOCK_C)
-        t = c * BLOCK_C + offs_c
-        tmask = t < N
+        t = c * BLOCK_C + tl.arange(0, BLOCK_C)
         state = tl.load(STATES + (bh * CHUNKS + c) * D + offs_d, mask=dmask, other=0.0)
         state_w = tl.load(STATESW + bh * CHUNKS + c)
         mean0 = tl.load(MEAN0 + bh * D + offs_d, mask=dmask, other=0.0)
-        x, w, cl = _chunk(S, W, M, LD, bh, c, db, N, H, D, BLOCK_C, BLOCK_D)
-        lower = offs_c[:, None] > offs_c[None, :]
-        decay = tl.where(lower, tl.exp(tl.minimum(cl[:, None] - cl[None, :], 0.0)), 0.0)
-        carry = tl.exp(cl)
-        num = tl.dot(decay, x, input_precision="ieee") + carry[:, None] * state[None, :]
-        den = tl.sum(decay * w[None, :], 1) + carry * state_w
-        out = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], mean0[None, :])
-        tl.store(OUT + (bh * N + t)[:, None] * D + offs_d[None, :], out, mask=tmask[:, None] & dmask[None, :])
+        x, w, cl = _chunk(S, W, M, LD, bh, c * BLOCK_C, db, N, H, D, BLOCK_C, BLOCK_D)
+        out = _chunk_means(x, w, cl, state, state_w, mean0, BLOCK_C)
+        tl.store(OUT + (bh * N + t)[:, None] * D + offs_d[None, :], out, mask=(t < N)[:, None] & dmask[None, :])
 
     @triton.jit
     def _local_kernel(
